@@ -1,0 +1,36 @@
+"""The Typer app: registers the commands, nothing else."""
+
+from __future__ import annotations
+
+import typer
+
+from uta_cli import __version__
+
+app = typer.Typer(
+    name="uta",
+    help="Unmasked Token Alignment: train a ViT into CLIP's joint space, evaluate, export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"uta {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """uta: Unmasked Token Alignment toolkit."""
+
+
+# Command registration: one line per command module.
+
+
+def main() -> None:
+    app()
