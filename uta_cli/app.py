@@ -30,6 +30,9 @@ def _root(
 
 
 # Command registration: one line per command module.
+from uta_cli.commands import pretrain as _pretrain  # noqa: E402
+
+app.command("pretrain")(_pretrain.pretrain)
 
 
 def main() -> None:

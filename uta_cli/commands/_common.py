@@ -1,0 +1,40 @@
+"""Shared command-line plumbing: usage errors become exit 2 with a message, no traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from uta_cli.errors import UtaUsageError
+
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Map known failures to exit codes: bad usage/input 2, training failures 1."""
+    from uta_cli.engine import TrainingDiverged, TrainingInterrupted
+
+    try:
+        yield
+    except UtaUsageError as e:
+        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    except TrainingDiverged as e:
+        err_console.print(f"[bold red]training stopped:[/bold red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except TrainingInterrupted as e:
+        err_console.print(f"[yellow]{e}[/yellow]", highlight=False)
+        raise typer.Exit(143) from None
+    except KeyboardInterrupt:
+        err_console.print("[yellow]Interrupted.[/yellow] The newest complete checkpoint is kept; "
+                          "run the same command to resume.")
+        raise typer.Exit(130) from None
+
+
+def quiet_libraries() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")

@@ -1,0 +1,38 @@
+"""`uta pretrain`: UTA pre-training; with no recipe, the embedded offline demo."""
+
+from __future__ import annotations
+
+import typer
+
+from uta_cli.commands._common import cli_errors, quiet_libraries
+
+
+def pretrain(
+    recipe: str = typer.Argument(None, help="A built-in recipe name (demo, vitb16, vitl14) or a "
+                                 "YAML path/URL. Default: the demo."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, typed: "
+                                   "--set optim.lr=1e-3 (repeatable)."),
+    output_dir: str = typer.Option("", "--output-dir", help="Run directory "
+                                   "(default: train.output_dir, else runs/<recipe name>)."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest "
+                               "complete checkpoint in the run directory; never; or a path."),
+) -> None:
+    """UTA pre-training: align a ViT student's visible tokens with a frozen CLIP teacher.
+
+    Examples:
+
+      uta pretrain                                   # offline demo, CPU, a few minutes
+
+      uta pretrain vitb16 --set data.source=/data/in21k --set teacher.weights=/m/eva02_l14.pt
+
+      accelerate launch --multi_gpu --num_processes 8 -m uta_cli pretrain vitb16 ...
+
+      uta pretrain my.yaml --set optim.lr=1e-3 --set train.precision=fp32
+    """
+    quiet_libraries()
+    with cli_errors():
+        from uta_cli.pretrain import run_pretrain
+        from uta_cli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_)
+        run_pretrain(loaded, output_dir=output_dir, resume=resume)

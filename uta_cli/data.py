@@ -1,0 +1,216 @@
+"""Data pipeline: sources, transforms with one crop for several views, per-rank sampling, masks.
+
+Every random choice is a pure function of (seed, epoch, sample id): the crop and flip of an image,
+its mask, and the order of an epoch. So a run resumed at step s sees exactly the batches an
+uninterrupted run would, ranks see disjoint samples, and the number of workers changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from uta_cli.datasets import (ImageFolderDataset, TarShardDataset, collate_skip_none,
+                              index_image_folder)
+from uta_cli.errors import UtaUsageError
+from uta_cli.masking import MaskSpec, generate_masks, keep_indices, validate_mask_spec
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class View:
+    """One network's view of the crop: its input size and normalisation."""
+
+    name: str
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bicubic"
+
+
+def _to_tensor(img: Image.Image, view: View) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    mean = torch.tensor(view.mean).view(3, 1, 1) * 255.0
+    std = torch.tensor(view.std).view(3, 1, 1) * 255.0
+    return (x - mean) / std
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
+                            rng: np.random.Generator,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, ...]:
+    """torchvision's RandomResizedCrop parameters, drawn from an explicit generator."""
+    area = width * height
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    side = min(width, height)  # fallback: central square crop
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+class TrainTransform:
+    """Random-resized crop + flip, drawn once per image, rendered once per view."""
+
+    def __init__(self, views: list[View], crop_scale: tuple[float, float], hflip: bool,
+                 seed: int):
+        self.views, self.crop_scale, self.hflip, self.seed = views, tuple(crop_scale), hflip, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, img: Image.Image, sample_id: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(sample_id)])
+        box = random_resized_crop_box(img.width, img.height, self.crop_scale, rng)
+        flip = self.hflip and rng.random() < 0.5
+        out = {}
+        for view in self.views:
+            im = img.resize((view.size, view.size), _RESAMPLE[view.interpolation], box=box)
+            if flip:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            out[view.name] = _to_tensor(im, view)
+        return out
+
+
+class EvalTransform:
+    """Resize the short side, centre crop (the zero-shot protocol, UTA-METHOD.md §5)."""
+
+    def __init__(self, views: list[View]):
+        self.views = views
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __call__(self, img: Image.Image, sample_id: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for view in self.views:
+            scale = view.size / min(img.width, img.height)
+            w, h = max(view.size, round(img.width * scale)), max(view.size, round(img.height * scale))
+            im = img.resize((w, h), _RESAMPLE[view.interpolation])
+            left, top = (w - view.size) // 2, (h - view.size) // 2
+            im = im.crop((left, top, left + view.size, top + view.size))
+            out[view.name] = _to_tensor(im, view)
+        return out
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W, 3), e.g. the generated demo data."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform,
+                 captions: list[str] | None = None):
+        self.images, self.labels, self.transform, self.captions = images, labels, transform, captions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"sample_id": i, "label": int(self.labels[i]),
+                **self.transform(Image.fromarray(self.images[i]), i)}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
+
+
+class MaskCollator:
+    """Collates (dropping unreadable images) and adds the visible-token indices of each sample."""
+
+    def __init__(self, spec: MaskSpec | None, grid: tuple[int, int], seed: int):
+        self.spec, self.grid, self.seed = spec, tuple(grid), seed
+        self.epoch = 0
+        if spec is not None:
+            validate_mask_spec(spec, self.grid)
+
+    def __call__(self, items: list[dict | None]) -> dict:
+        batch = collate_skip_none(items)
+        if self.spec is not None and "sample_id" in batch:
+            ids = batch["sample_id"].numpy().astype(np.int64)
+            masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
+            batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
+        return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's share of a seeded permutation; equal length on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world
+    return perm[: per_rank * world][rank::world].tolist()
+
+
+def detect_format(source: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if source == "demo":
+        return "demo"
+    s = source.rstrip("/")
+    if s.endswith(".tar") or "{" in s or s.endswith(".tar}"):
+        return "tar"
+    if os.path.isdir(s) and any(f.endswith(".tar") for f in os.listdir(s)) and not any(
+            os.path.isdir(os.path.join(s, f)) for f in os.listdir(s)):
+        return "tar"
+    return "folder"
+
+
+class Source:
+    """A training or evaluation source bound to its transform, mask collator and rank."""
+
+    def __init__(self, dataset, transform, collator: MaskCollator, batch_size: int,
+                 num_workers: int, seed: int, rank: int, world: int, samples_per_epoch: int = 0,
+                 shuffle: bool = True):
+        self.dataset, self.transform, self.collator = dataset, transform, collator
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.samples_per_epoch = samples_per_epoch if self.iterable else len(dataset)
+
+    def steps_per_epoch(self, world: int, global_micro_batch: int) -> int:
+        if self.iterable and self.samples_per_epoch <= 0:
+            raise UtaUsageError("Tar shards have no length: set data.samples_per_epoch to the "
+                                "number of images in one pass (or use schedule.steps).")
+        return self.samples_per_epoch // world // global_micro_batch
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterable[dict]:
+        """Batches of one epoch for this rank, starting after `skip` batches."""
+        self.transform.set_epoch(epoch)
+        self.collator.epoch = epoch
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                      collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
+                      drop_last=True, persistent_workers=False)
+        if self.iterable:
+            self.dataset.set_epoch(epoch)
+            return islice(DataLoader(self.dataset, **common), skip, None)
+        if self.shuffle:
+            order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world)
+        else:
+            order = list(range(self.rank, len(self.dataset) - len(self.dataset) % self.world,
+                               self.world))
+        return DataLoader(self.dataset, sampler=order[skip * self.batch_size:], **common)
+
+
+def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1,
+                 seed: int = 0):
+    """An image folder (class folders or flat) or tar shards; labels are kept when present."""
+    kind = detect_format(source, fmt)
+    if kind == "demo":
+        raise UtaUsageError("The demo source is built by uta_cli.demo, not opened from a path.")
+    if kind == "tar":
+        return TarShardDataset(source, transform, rank=rank, world_size=world, seed=seed)
+    if not source:
+        raise UtaUsageError("data.source is empty. Point it at an image folder, an fsspec URL or "
+                            "tar shards, e.g. --set data.source=/data/imagenet/train")
+    return ImageFolderDataset(index_image_folder(source), transform)

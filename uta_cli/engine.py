@@ -1,0 +1,386 @@
+"""The one training loop. It knows nothing of UTA: it runs any `Task` (alignment, contrastive,
+classification) with Accelerate precision and distribution, gradient accumulation and clipping,
+AdamW with a warm-up cosine schedule, metrics.jsonl, rich progress, atomic step-named checkpoints,
+`--resume auto`, SIGTERM checkpointing and a non-finite loss guard.
+
+Data is sharded by the task's loaders themselves (per rank, by sample index), never through
+`accelerator.prepare`, and the schedule is driven here from the step count, so resuming at step s
+reproduces exactly what an uninterrupted run would have done from step s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from torch import nn
+
+from uta_cli import __version__
+from uta_cli import checkpoint as ckpt
+from uta_cli.errors import UtaUsageError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; reported as exit 1 with the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM was received; a checkpoint was written before stopping."""
+
+
+class Task(Protocol):
+    """What differs between trainers. The engine calls only these."""
+
+    name: str
+    model: nn.Module                          # the trainable module (prepared by Accelerate)
+
+    def setup(self, accelerator: Accelerator) -> None: ...          # move frozen parts to device
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]: ...
+    def steps_per_epoch(self, world_size: int, batch_size: int) -> int: ...
+    def train_batches(self, epoch: int, skip: int) -> Iterable[dict]: ...
+    def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]: ...
+    def validate(self, model: nn.Module) -> dict[str, float]: ...  # {} when there is nothing
+    def checkpoint_meta(self) -> dict: ...
+
+
+@dataclass
+class EngineConfig:
+    seed: int = 0
+    precision: str = "bf16"
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 0.0
+    steps: int = 0
+    epochs: float = 0.0
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    val_every: int = 0
+    recipe: dict = field(default_factory=dict)  # saved into every checkpoint's meta.json
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from `peak` down to `floor`."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """Accelerate picks up torchrun/accelerate-launch environments (gloo on CPU, NCCL on GPU)."""
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise UtaUsageError(f"train.precision must be bf16, fp16 or fp32; got {precision!r}.")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UtaUsageError("train.precision=fp16 needs a GPU. On CPU use --set "
+                            "train.precision=bf16 (or fp32).")
+    mixed = {"fp32": "no"}.get(precision, precision)
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
+def _digest_u64(values: torch.Tensor) -> int:
+    """Order-independent digest of sample ids (sum of per-id hashes mod 2**63)."""
+    ids = values.to(torch.int64).cpu()
+    mixed = (ids * 0x9E3779B97F4A7C15) ^ (ids >> 17)
+    return int(mixed.sum().item()) & ((1 << 63) - 1)
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _Progress:
+    """rich progress on an interactive main process; plain log lines otherwise."""
+
+    def __init__(self, enabled: bool, total: int, start: int, label: str):
+        self.console = Console(stderr=False)
+        self.enabled = enabled
+        self.bar = None
+        if enabled and self.console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                console=self.console)
+            self.task_id = self.bar.add_task(label, total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, log_line: bool) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task_id, completed=step, info=info)
+        elif self.enabled and log_line:
+            self.console.print(f"step {step} {info}", highlight=False)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, accelerator: Accelerator, run_dir: str):
+        self.cfg = cfg
+        self.acc = accelerator
+        self.run_dir = run_dir
+        self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self._stop_requested = False
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def log_metrics(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop records that the interrupted run wrote past its checkpoint."""
+        if not (self.acc.is_main_process and os.path.isfile(self.metrics_path)):
+            return
+        with open(self.metrics_path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
+        ckpt.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self._stop_requested = True
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self, task: Task, model: nn.Module, optimizer, step: int, epoch: int) -> str:
+        acc = self.acc
+        tmp = None
+        if acc.is_main_process:
+            os.makedirs(self.ckpt_root, exist_ok=True)
+            tmp = ckpt.begin(self.ckpt_root, step)
+        tmp = gather_object([tmp])[0] if acc.num_processes > 1 else tmp
+        torch.save(ckpt.rng_state(), os.path.join(tmp, f"rng_rank{acc.process_index}.pt"))
+        final = ""
+        if acc.is_main_process:
+            ckpt.write_weights(tmp, acc.unwrap_model(model).state_dict())
+            state = {"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
+                     "world_size": acc.num_processes}
+            if acc.scaler is not None:
+                state["grad_scaler"] = acc.scaler.state_dict()
+            torch.save(state, os.path.join(tmp, "training_state.pt"))
+            meta = {"uta_version": __version__, "step": step, "epoch": epoch, "task": task.name,
+                    "recipe": self.cfg.recipe, **task.checkpoint_meta()}
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            final = ckpt.commit(self.ckpt_root, tmp, step, self.cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    def _resume_from(self, resume: str) -> str | None:
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.run_dir)
+        return ckpt.resolve_checkpoint(resume)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, task: Task, resume: str = "auto", label: str = "train") -> dict[str, Any]:
+        cfg, acc = self.cfg, self.acc
+        world = acc.num_processes
+        steps_per_epoch = task.steps_per_epoch(world, cfg.batch_size * cfg.grad_accum)
+        if steps_per_epoch < 1:
+            raise UtaUsageError("The dataset is smaller than one global batch (batch_size x "
+                                "processes x grad_accum). Lower data.batch_size or add images.")
+        total = cfg.steps if cfg.steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+        if total < 1:
+            raise UtaUsageError("Set schedule.steps or schedule.epochs to a positive value.")
+        warmup = cfg.warmup_steps or round(cfg.warmup_epochs * steps_per_epoch)
+
+        model = task.model
+        optimizer = torch.optim.AdamW(task.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=tuple(cfg.betas), eps=cfg.eps)
+        start_step = 0
+        source = self._resume_from(resume)
+        if source is not None:
+            meta = ckpt.load_meta(source)
+            if meta.get("task") != task.name:
+                raise UtaUsageError(f"Cannot resume a '{task.name}' run from {source}, a "
+                                    f"'{meta.get('task')}' checkpoint. Use another --output-dir "
+                                    f"or --resume never.")
+            model.load_state_dict(ckpt.load_weights(source))
+            state = ckpt.load_training_state(source)
+            optimizer.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
+        model, optimizer = acc.prepare(model, optimizer)
+        if source is not None:
+            if acc.scaler is not None and "grad_scaler" in state:
+                acc.scaler.load_state_dict(state["grad_scaler"])
+            rng = ckpt.load_rng(source, acc.process_index)
+            if rng is not None:
+                ckpt.set_rng_state(rng)
+            self._truncate_metrics(start_step)
+        elif acc.is_main_process and os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)  # a fresh run starts a fresh log
+        task.setup(acc)
+        model.train()
+
+        progress = _Progress(acc.is_main_process, total, start_step, label)
+        if source is not None:
+            progress.print(f"Resumed from {source} at step {start_step}.")
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        step = start_step
+        epoch = step // steps_per_epoch
+        nonfinite = torch.zeros((), device=acc.device, dtype=torch.bool)
+        sums: dict[str, torch.Tensor] = {}
+        n_sums = 0
+        samples = 0
+        skipped = 0
+        sample_digest = 0
+        data_wait = 0.0
+        t_window = time.perf_counter()
+        last_saved = start_step if source is not None else -1
+        try:
+            while step < total:
+                batches: Iterator[dict] = iter(task.train_batches(
+                    epoch, (step - epoch * steps_per_epoch) * cfg.grad_accum))
+                exhausted = False
+                while step < total and step < (epoch + 1) * steps_per_epoch:
+                    for param_group in optimizer.param_groups:
+                        param_group["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr) * \
+                            param_group.get("lr_scale", 1.0)
+                    for micro in range(cfg.grad_accum):
+                        t0 = time.perf_counter()
+                        batch = next(batches, None)
+                        data_wait += time.perf_counter() - t0
+                        if batch is None:
+                            exhausted = True
+                            break
+                        skipped += int(batch.get("num_skipped", 0))
+                        if "sample_id" in batch:
+                            samples += len(batch["sample_id"])
+                            sample_digest = (sample_digest + _digest_u64(batch["sample_id"])) \
+                                & ((1 << 63) - 1)
+                        last_micro = micro == cfg.grad_accum - 1
+                        with acc.no_sync(model) if not last_micro else contextlib.nullcontext():
+                            out = task.training_step(model, batch)
+                            acc.backward(out["loss"] / cfg.grad_accum)
+                        nonfinite |= ~torch.isfinite(out["loss"].detach())
+                        for k, v in out.items():
+                            sums[k] = sums.get(k, 0.0) + v.detach().float()
+                        n_sums += 1
+                    if exhausted:
+                        optimizer.zero_grad(set_to_none=True)
+                        break
+                    if cfg.grad_clip > 0:
+                        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+
+                    stop = self._stop_requested
+                    if world > 1:
+                        flag = torch.tensor([float(stop)], device=acc.device)
+                        stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
+                    is_log = step % cfg.log_every == 0 or step == total
+                    is_ckpt = (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0) \
+                        or step == total or stop
+                    if is_log or is_ckpt:
+                        self._check_finite(nonfinite, step, last_saved)
+                    if is_log:
+                        elapsed = time.perf_counter() - t_window
+                        means = {k: (v / max(1, n_sums)) for k, v in sums.items()}
+                        means = {k: float(acc.reduce(v.reshape(1), reduction="mean").item())
+                                 for k, v in sorted(means.items())}
+                        images = samples * world
+                        record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                                  "lr": optimizer.param_groups[0]["lr"], **means,
+                                  "images_per_s": round(images / max(elapsed, 1e-9), 2),
+                                  "data_wait_frac": round(data_wait / max(elapsed, 1e-9), 4),
+                                  "skipped_images": skipped}
+                        self.log_metrics(record)
+                        progress.update(step, f"loss {means.get('loss', float('nan')):.4f}  "
+                                        f"{record['images_per_s']:.0f} img/s", log_line=True)
+                        sums, n_sums, samples, data_wait = {}, 0, 0, 0.0
+                        t_window = time.perf_counter()
+                    else:
+                        progress.update(step, "", log_line=False)
+                    if cfg.val_every > 0 and step % cfg.val_every == 0 and step < total:
+                        self._validate(task, model, step, steps_per_epoch, progress)
+                    if is_ckpt:
+                        self.save(task, model, optimizer, step, epoch)
+                        last_saved = step
+                    if stop:
+                        raise TrainingInterrupted(
+                            f"Stopped by SIGTERM at step {step}; checkpoint saved in "
+                            f"{self.ckpt_root}. Run the same command again to resume.")
+                if exhausted and step < (epoch + 1) * steps_per_epoch:
+                    log.info("epoch %d ended early (skipped images); moving on", epoch)
+                epoch += 1
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            progress.close()
+
+        val = self._validate(task, model, step, steps_per_epoch, progress)
+        digests = gather_object([{"weights": weights_digest(acc.unwrap_model(model)),
+                                  "samples_digest": sample_digest}])
+        self.log_metrics({"event": "end", "step": step, "epoch": round(step / steps_per_epoch, 4),
+                          "rank_weights": [d["weights"] for d in digests],
+                          "rank_samples_digest": [d["samples_digest"] for d in digests]})
+        return {"step": step, "model": acc.unwrap_model(model), "val": val,
+                "checkpoint": ckpt.latest_checkpoint(self.run_dir)}
+
+    def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
+                  progress: _Progress) -> dict[str, float]:
+        result: dict[str, float] = {}
+        if self.acc.is_main_process:
+            result = task.validate(self.acc.unwrap_model(model))
+            if result:
+                self.log_metrics({"event": "val", "step": step,
+                                  "epoch": round(step / steps_per_epoch, 4), **result})
+                progress.print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in
+                                                         result.items()))
+        self.acc.wait_for_everyone()
+        return result
+
+    def _check_finite(self, nonfinite: torch.Tensor, step: int, last_saved: int) -> None:
+        flag = nonfinite.float().reshape(1)
+        if self.acc.num_processes > 1:
+            flag = self.acc.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            where = (f"The last good checkpoint (step {last_saved}) is intact in "
+                     f"{self.ckpt_root}." if last_saved >= 0 else "No checkpoint was written.")
+            raise TrainingDiverged(
+                f"The loss became NaN or infinite at or before step {step}. {where} Lower "
+                f"optim.lr, raise optim.warmup, or use train.precision=bf16 instead of fp16, "
+                f"then resume with the same command (--resume auto).")
+
+
+def run_directory(output_dir: str, default_name: str) -> str:
+    path = output_dir or os.path.join("runs", default_name)
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,28 @@
+"""The UTA objective: token-wise cosine alignment with the teacher (UTA-METHOD.md §1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_targets(teacher_tokens: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+    """Pick the teacher's CLS and the tokens at the student's visible positions.
+
+    teacher_tokens: (B, 1 + N, E); keep_idx: (B, K) -> (B, 1 + K, E).
+    """
+    patches = teacher_tokens[:, 1:]
+    index = keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+    return torch.cat([teacher_tokens[:, :1], patches.gather(1, index)], dim=1)
+
+
+def token_alignment_loss(student: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """1 - cosine per token, averaged over CLS and the visible tokens, in fp32.
+
+    Returns the loss plus detached mean cosines for CLS and for patch tokens, which tell apart
+    "the global embedding is learned" from "the dense tokens are learned".
+    """
+    cos = F.cosine_similarity(student.float(), target.float(), dim=-1, eps=1e-6)  # (B, 1 + K)
+    loss = (1.0 - cos).mean()
+    return {"loss": loss, "cls_cos": cos[:, 0].mean().detach(),
+            "patch_cos": cos[:, 1:].mean().detach()}

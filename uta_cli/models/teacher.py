@@ -1,0 +1,268 @@
+"""The frozen CLIP teacher: per-token targets in the joint space (UTA-METHOD.md §1, §4).
+
+open_clip never projects its token outputs, so the projection is applied here to every token:
+`tokens @ visual.proj` for native open_clip ViTs, and timm's head for timm-trunk towers (EVA02-*).
+The CLS target is computed through the model's own pooling path, so it equals `encode_image`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer as OpenClipViT
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from uta_cli.errors import UtaUsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherIdentity:
+    """What a checkpoint records so that evaluation can rebuild, or refuse, the same teacher."""
+
+    model: str
+    weights: str
+    weights_fingerprint: str
+    embed_dim: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str
+    model_cfg: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def file_fingerprint(path: str) -> str:
+    """A cheap content fingerprint: size plus SHA-256 of the first and last MiB."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def _weights_file_in_dir(folder: str) -> str | None:
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin",
+                 "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _missing_weights_error(model: str) -> UtaUsageError:
+    tags = open_clip.list_pretrained_tags_by_model(model) if not model.startswith("local-") else []
+    tag_hint = f" or a hub tag ({', '.join(tags)}; needs network)" if tags else ""
+    return UtaUsageError(
+        f"teacher.weights is not set for teacher '{model}'. Pass a local weights file or an "
+        f"open_clip folder{tag_hint}, e.g. --set teacher.weights=/models/{model}.safetensors")
+
+
+def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
+    """Build an open_clip CLIP from a local-dir folder, a weights file, or a hub tag."""
+    if model.startswith("local-dir:"):
+        folder, weights = model[len("local-dir:"):], model
+    elif weights and os.path.isdir(weights):
+        folder = weights
+    else:
+        folder = None
+    if folder is not None:
+        cfg_path = os.path.join(folder, "open_clip_config.json")
+        wfile = _weights_file_in_dir(folder)
+        if not os.path.isfile(cfg_path) or wfile is None:
+            raise UtaUsageError(
+                f"Teacher folder {folder} must hold open_clip_config.json and "
+                f"open_clip_model.safetensors (an open_clip 'local-dir:' folder).")
+        with open(cfg_path) as f:
+            model_cfg = json.load(f).get("model_cfg", {})
+        name = model = "local-dir:" + folder
+        try:
+            clip = open_clip.create_model(name)
+        except Exception as e:  # open_clip raises assorted types for bad folders
+            raise UtaUsageError(f"Cannot load the teacher from {folder}: {e}") from None
+        fingerprint = file_fingerprint(wfile)
+    else:
+        if open_clip.get_model_config(model) is None:
+            raise UtaUsageError(
+                f"Unknown open_clip model '{model}' for teacher.model. Known CLIP models include "
+                f"ViT-B-16, ViT-L-14, EVA02-B-16, EVA02-L-14; or use 'local-dir:/path'.")
+        if not weights:
+            raise _missing_weights_error(model)
+        model_cfg = open_clip.get_model_config(model)
+        if os.path.isfile(weights):
+            fingerprint = file_fingerprint(weights)
+        elif weights in open_clip.list_pretrained_tags_by_model(model):
+            fingerprint = f"tag:{model}:{weights}"
+        else:
+            raise UtaUsageError(
+                f"teacher.weights '{weights}' is neither a file, a folder, nor a known tag of "
+                f"'{model}'. Check the path, or use one of the tags "
+                f"{open_clip.list_pretrained_tags_by_model(model)} (needs network).")
+        try:
+            clip = open_clip.create_model(model, pretrained=weights)
+        except Exception as e:
+            raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': {e}. "
+                                f"Offline? Use a local weights file instead of a hub tag.") from None
+    pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+    size = pp.get("size", clip.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    identity = TeacherIdentity(
+        model=model, weights=weights, weights_fingerprint=fingerprint,
+        embed_dim=int(_embed_dim(clip)), image_size=int(size),
+        mean=[float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
+        std=[float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
+        interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg)
+    return clip, identity
+
+
+def _embed_dim(clip: nn.Module) -> int:
+    if hasattr(clip, "text_projection") and clip.text_projection is not None:
+        proj = clip.text_projection
+        return proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
+    return clip.visual.output_dim
+
+
+class CLIPTeacher:
+    """A frozen open_clip CLIP that returns per-token targets (B, 1 + N, embed_dim), CLS first.
+
+    Deliberately not an nn.Module attribute of anything trained, so it never enters
+    `accelerator.prepare`, DDP or a checkpoint.
+    """
+
+    def __init__(self, clip: nn.Module, identity: TeacherIdentity):
+        self.clip = clip.eval().requires_grad_(False)
+        # The text tower and tokenizer give the zero-shot classifier (zeroshot.py).
+        self.tokenizer = open_clip.get_tokenizer(identity.model)
+        self.identity = identity
+        self.visual = clip.visual
+        if isinstance(self.visual, OpenClipViT):
+            if self.visual.attn_pool is not None or self.visual.pool_type == "none":
+                raise UtaUsageError("Teachers with attentional pooling or no pooling (CoCa-style "
+                                    "towers) have no per-token targets; use a CLIP ViT.")
+            self.kind = "native"
+        elif isinstance(self.visual, TimmModel):
+            if "pool" in self.visual.head._modules:
+                raise UtaUsageError("timm-tower teachers with an attention-pool head have no "
+                                    "per-token targets; use a CLIP ViT or an EVA02 model.")
+            self.kind = "timm"
+        else:
+            raise UtaUsageError(f"Unsupported teacher vision tower {type(self.visual).__name__}; "
+                                f"UTA needs a ViT tower (open_clip ViT-* or EVA02-*).")
+        self.embed_dim = identity.embed_dim
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.token_resample: tuple[int, int] | None = None
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        if self.kind == "native":
+            return self.visual.patch_size[0]
+        return self.visual.trunk.patch_embed.patch_size[0]
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        if self.kind == "native":
+            return tuple(self.visual.grid_size)
+        return tuple(self.visual.trunk.patch_embed.grid_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.patch_size * self.grid_size[0]
+
+    def match_grid(self, student_grid: tuple[int, int], policy: str) -> str:
+        """Make the teacher's token grid equal the student's; return a line for the log."""
+        grid = self.grid_size
+        if tuple(student_grid) == grid:
+            return f"teacher grid {grid[0]}x{grid[1]} equals the student's; no matching needed"
+        if policy == "error":
+            raise UtaUsageError(
+                f"Teacher grid {grid} differs from the student grid {tuple(student_grid)}. Set "
+                f"teacher.grid_match to 'resize' or 'interpolate', or change student.image_size.")
+        if policy == "interpolate":
+            self.token_resample = tuple(student_grid)
+            return (f"teacher runs at {self.image_size}px ({grid[0]}x{grid[1]} tokens); its token "
+                    f"grid is resampled bilinearly to the student's {student_grid[0]}x"
+                    f"{student_grid[1]}")
+        new_size = (student_grid[0] * self.patch_size, student_grid[1] * self.patch_size)
+        if self.kind == "native":
+            v = self.visual
+            pos = resample_abs_pos_embed(v.positional_embedding.data[None], new_size=student_grid,
+                                         old_size=grid, num_prefix_tokens=1)[0]
+            v.positional_embedding = nn.Parameter(pos, requires_grad=False)
+            v.grid_size, v.image_size = tuple(student_grid), new_size
+        else:
+            self.visual.set_input_size(new_size)
+        return (f"teacher sees the same crop resized to {new_size[0]}px so that its patch "
+                f"{self.patch_size} gives the student's {student_grid[0]}x{student_grid[1]} grid "
+                f"(positional embeddings resampled from {grid[0]}x{grid[1]})")
+
+    # -- execution -------------------------------------------------------------------------------
+    def to(self, device: torch.device, precision: str) -> CLIPTeacher:
+        """Move and cast. Low precision casts the WEIGHTS: autocast around a frozen open_clip
+        ViT on CPU re-copies the attention in-projection every call (3.4x slower, DESIGN.md)."""
+        self.device = torch.device(device)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        if self.device.type == "cpu" and self.dtype == torch.float16:
+            self.dtype = torch.float32  # fp16 matmuls are unsupported or slow on CPU
+        self.clip.to(device=self.device, dtype=self.dtype)
+        return self
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Joint-space targets (B, 1 + N, embed_dim) in fp32: CLS (= encode_image) then patches."""
+        images = images.to(self.device, self.dtype, non_blocking=True)
+        with self._autocast():
+            if self.kind == "native":
+                v = self.visual
+                x = v.transformer(v._embeds(images))
+                pooled, patches = v._pool(x)
+                if v.final_ln_after_pool:
+                    patches = v.ln_post(patches)
+                cls, patches = pooled @ v.proj, patches @ v.proj
+            else:
+                trunk, head = self.visual.trunk, self.visual.head
+                feats = trunk.forward_features(images)
+                cls = head(trunk.forward_head(feats))
+                patches = feats[:, trunk.num_prefix_tokens:]
+                patches = head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
+        patches = patches.float()
+        if self.token_resample is not None:
+            b, n, e = patches.shape
+            gh, gw = self.grid_size
+            grid = patches.transpose(1, 2).reshape(b, e, gh, gw)
+            grid = F.interpolate(grid, size=self.token_resample, mode="bilinear",
+                                 align_corners=False, antialias=True)
+            patches = grid.flatten(2).transpose(1, 2)
+        return torch.cat([cls.float().unsqueeze(1), patches], dim=1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.dtype)
+        with self._autocast():
+            return self.clip.encode_image(images).float()
+
+
+def load_teacher(model: str, weights: str) -> CLIPTeacher:
+    clip, identity = load_clip(model, weights)
+    return CLIPTeacher(clip, identity)

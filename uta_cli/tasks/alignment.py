@@ -1,0 +1,88 @@
+"""The UTA task: align the student's visible tokens (and CLS) with the frozen teacher's tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from uta_cli.data import Source
+from uta_cli.losses import gather_targets, token_alignment_loss
+from uta_cli.models.student import UTAStudent
+from uta_cli.models.teacher import CLIPTeacher
+from uta_cli.recipe import Recipe
+from uta_cli.tasks.common import decay_groups
+
+
+class AlignmentTask:
+    name = "uta-alignment"
+
+    def __init__(self, recipe: Recipe, student: UTAStudent, teacher: CLIPTeacher, source: Source,
+                 val_source: Source | None, grid_note: str):
+        self.recipe = recipe
+        self.model = student
+        self.teacher = teacher
+        self.source = source
+        self.val_source = val_source
+        self.grid_note = grid_note
+        self.device = torch.device("cpu")
+        self.accelerator: Accelerator | None = None
+
+    def setup(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.teacher.to(accelerator.device, self.recipe.train.precision)
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return decay_groups(model, weight_decay)
+
+    def steps_per_epoch(self, world_size: int, global_micro_batch: int) -> int:
+        return self.source.steps_per_epoch(world_size, global_micro_batch)
+
+    def train_batches(self, epoch: int, skip: int):
+        return self.source.batches(epoch, skip)
+
+    def _loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        keep = batch["keep_idx"].to(self.device, non_blocking=True)
+        targets = gather_targets(self.teacher.tokens(batch["teacher"]), keep)
+        pred = model(batch["student"].to(self.device, non_blocking=True), keep)
+        return token_alignment_loss(pred, targets)
+
+    def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        if "student" not in batch:  # every image of this batch was unreadable
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            return {"loss": zero}
+        return self._loss(model, batch)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Alignment loss on held-out images, centre crop, fixed masks (epoch 0 of the val seed)."""
+        if self.val_source is None:
+            return {}
+        model.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        autocast = self.accelerator.autocast() if self.accelerator else torch.no_grad()
+        with autocast:
+            for batch in self.val_source.batches(epoch=0):
+                if "student" not in batch:
+                    continue
+                out = self._loss(model, batch)
+                for k, v in out.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * len(batch["student"])
+                n += len(batch["student"])
+        model.train()
+        return {f"val_{k}": v / max(1, n) for k, v in totals.items()}
+
+    def checkpoint_meta(self) -> dict:
+        return {"student": dataclasses.asdict(self.recipe.student),
+                "embed_dim": self.model.embed_dim,
+                "teacher": self.teacher.identity.to_dict(),
+                "teacher_input_size": self.teacher.image_size,
+                "grid_match": self.recipe.teacher.grid_match,
+                "mask": dataclasses.asdict(self.recipe.mask),
+                "student_preprocess": {"size": self.recipe.student.image_size,
+                                       "mean": self.recipe.data.mean, "std": self.recipe.data.std,
+                                       "interpolation": "bicubic"}}
