@@ -48,8 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     grid = (args.grid, args.grid)
+    omp = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"grid {args.grid}x{args.grid}, ratio {args.ratio}, torch threads "
-          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+          f"{torch.get_num_threads()}, OMP_NUM_THREADS={omp}")
     head = "".join(f"{f'masks/s @ batch {b}':>22}" for b in args.batch)
     print(f"{'strategy':<16}{head}{'5000 in one call':>20}")
     total = 0.0

@@ -33,6 +33,9 @@ def _root(
 from uta_cli.commands import pretrain as _pretrain  # noqa: E402
 
 app.command("pretrain")(_pretrain.pretrain)
+from uta_cli.commands import inspect_mask as _inspect_mask  # noqa: E402
+
+app.command("inspect-mask")(_inspect_mask.inspect_mask)
 
 
 def main() -> None:

@@ -20,7 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
-from uta_cli.data import ArrayImageDataset, EvalTransform, MaskCollator, Source, TrainTransform, View
+from uta_cli.data import (
+    ArrayImageDataset,
+    EvalTransform,
+    MaskCollator,
+    Source,
+    TrainTransform,
+    View,
+    normalize,
+)
 from uta_cli.demo_data import CLASSNAMES, IMAGE_SIZE, TEMPLATES, DemoSplit, demo_splits
 from uta_cli.engine import Engine, EngineConfig
 from uta_cli.recipe import DemoConfig
@@ -67,7 +75,9 @@ def eval_batches(split: DemoSplit, views: list[View], batch_size: int = 500):
 def zeroshot_demo(encode_image, clip: torch.nn.Module, tokenizer, split: DemoSplit,
                   views: list[View], view_name: str, device: torch.device) -> dict:
     classifier = build_classifier(clip.encode_text, tokenizer, CLASSNAMES, TEMPLATES, device)
-    batches = ((b[view_name].to(device), b["label"]) for b in eval_batches(split, views))
+    view = next(v for v in views if v.name == view_name)
+    batches = ((normalize(b[view_name].to(device), view), b["label"])
+               for b in eval_batches(split, views))
     return evaluate(encode_image, batches, classifier)
 
 
@@ -104,7 +114,7 @@ def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) ->
         model.train()
         return {"zeroshot_acc1": result["acc1"]}
 
-    task = ContrastiveTask(clip, tokenizer, source, "image", validate,
+    task = ContrastiveTask(clip, tokenizer, source, view, validate,
                            meta={"clip_model_cfg": TEACHER_MODEL_CFG})
     engine_cfg = EngineConfig(
         seed=cfg.data_seed, precision="fp32", batch_size=cfg.teacher_batch_size, lr=cfg.teacher_lr,

@@ -7,10 +7,11 @@ teacher, so for UTA the visible set is the one that matters (UTA-METHOD.md secti
 What comes from where:
 - `random` is MAE's random masking: rank the positions by per-sample uniform noise and mask the
   top `num_masked`.
-- `block` is BEiT's block-wise masking generator (`MaskingGenerator` in BEiT's `masking_generator.py`):
-  rectangles with area uniform in [min_block_patches, remaining], aspect log-uniform in
-  [min_aspect, 1/min_aspect], h < H and w < W, top-left uniform where it fits, accepted when it adds
-  between 1 and `remaining` new patches, at most `max_tries` attempts per rectangle.
+- `block` is BEiT's block-wise masking generator (`MaskingGenerator`, BEiT's
+  `masking_generator.py`): rectangles with area uniform in [min_block_patches, remaining], aspect
+  log-uniform in [min_aspect, 1/min_aspect], h < H and w < W, top-left uniform where it fits,
+  accepted when it adds between 1 and `remaining` new patches, at most `max_tries` attempts per
+  rectangle.
 - Ours:
   - `reversed-block` (the paper's idea, our code): the same block procedure with the target
     num_visible, and the blocks become the VISIBLE set.
@@ -133,8 +134,8 @@ def validate_mask_spec(spec: MaskSpec, grid: tuple[int, int]) -> None:
         )
     if not 0.0 < float(spec.ratio) < 1.0:
         raise UtaUsageError(
-            f"mask.ratio = {spec.ratio} is outside (0, 1). It is the fraction of patch tokens masked "
-            "(dropped); set it strictly between 0 and 1, e.g. 0.5."
+            f"mask.ratio = {spec.ratio} is outside (0, 1). It is the fraction of patch tokens "
+            "masked (dropped); set it strictly between 0 and 1, e.g. 0.5."
         )
     if (
         not isinstance(grid, (tuple, list))
@@ -325,7 +326,7 @@ def generate_masks_detailed(
     target = masked if spec.strategy == "block" else visible
     blocks, (r_sample, r_h, r_w, r_new), fill = _block_masks(spec, (height, width), keys, target)
     masks = blocks if spec.strategy == "block" else ~blocks
-    order = np.argsort(r_sample, kind="stable")  # group the log by row, attempts in order
+    order = np.argsort(r_sample, kind="stable")  # group the log by row, rectangles in order
     return MaskBatch(masks, r_sample[order], r_h[order], r_w[order], r_new[order], fill)
 
 

@@ -15,13 +15,21 @@ from rich.table import Table
 from torch.utils.data import Subset
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.data import (ArrayImageDataset, EvalTransform, MaskCollator, Source, TrainTransform,
-                          View, detect_format, open_dataset)
+from uta_cli.data import (
+    ArrayImageDataset,
+    EvalTransform,
+    MaskCollator,
+    Source,
+    TrainTransform,
+    View,
+    detect_format,
+    open_dataset,
+)
 from uta_cli.demo import ensure_demo_teacher, zeroshot_demo
 from uta_cli.demo_data import CLASSNAMES, demo_splits
 from uta_cli.engine import Engine, EngineConfig, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
-from uta_cli.masking import MaskSpec
+from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe, recipe_to_dict, save_recipe
@@ -70,6 +78,8 @@ def _check_recipe(recipe: Recipe) -> None:
         raise UtaUsageError("data.crop_scale must be [low, high] with 0 < low <= high <= 1.")
     if recipe.student.image_size % recipe.student.patch_size:
         raise UtaUsageError("student.image_size must be a multiple of student.patch_size.")
+    grid = recipe.student.image_size // recipe.student.patch_size
+    validate_mask_spec(MaskSpec(**dataclasses.asdict(recipe.mask)), (grid, grid))
 
 
 def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
@@ -123,7 +133,8 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         val_source = Source(val_set, val_tf, MaskCollator(spec, student.grid_size, recipe.seed + 1),
                             recipe.data.batch_size, recipe.data.num_workers, 0, 0, 1,
                             shuffle=False)
-    task = AlignmentTask(recipe, student, teacher, source, val_source, grid_note)
+    task = AlignmentTask(recipe, student, teacher, source, val_source,
+                         {v.name: v for v in views}, grid_note)
 
     if main:
         save_recipe(recipe, os.path.join(run_dir, "config.yaml"))

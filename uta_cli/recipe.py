@@ -175,11 +175,14 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 def _unknown_key_error(path: str) -> UtaUsageError:
     valid = _all_keys(Recipe)
     leaf = path.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
-    if not close:  # a right name in the wrong section, e.g. `optim.ratio`
-        by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
-        leaf_close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
-        close = [by_leaf[leaf_close[0]]] if leaf_close else []
+    by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
+    if leaf in by_leaf:  # a right name in the wrong section, e.g. `optim.ratio`
+        close = [by_leaf[leaf]]
+    else:
+        close = difflib.get_close_matches(path, valid, n=1, cutoff=0.5)
+        if not close:
+            leaf_close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)
+            close = [by_leaf[leaf_close[0]]] if leaf_close else []
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return UtaUsageError(f"Unknown recipe key '{path}'.{hint} Valid top-level sections: "
                          f"{', '.join(f.name for f in dataclasses.fields(Recipe))}.")

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from uta_cli.data import Source
+from uta_cli.data import Source, View, normalize
 from uta_cli.losses import gather_targets, token_alignment_loss
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import CLIPTeacher
@@ -20,12 +20,13 @@ class AlignmentTask:
     name = "uta-alignment"
 
     def __init__(self, recipe: Recipe, student: UTAStudent, teacher: CLIPTeacher, source: Source,
-                 val_source: Source | None, grid_note: str):
+                 val_source: Source | None, views: dict[str, View], grid_note: str):
         self.recipe = recipe
         self.model = student
         self.teacher = teacher
         self.source = source
         self.val_source = val_source
+        self.views = views  # "student" and "teacher": one crop, two normalisations
         self.grid_note = grid_note
         self.device = torch.device("cpu")
         self.accelerator: Accelerator | None = None
@@ -46,8 +47,12 @@ class AlignmentTask:
 
     def _loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         keep = batch["keep_idx"].to(self.device, non_blocking=True)
-        targets = gather_targets(self.teacher.tokens(batch["teacher"]), keep)
-        pred = model(batch["student"].to(self.device, non_blocking=True), keep)
+        teacher_in = normalize(batch["teacher"].to(self.device, non_blocking=True),
+                               self.views["teacher"])
+        student_in = normalize(batch["student"].to(self.device, non_blocking=True),
+                               self.views["student"])
+        targets = gather_targets(self.teacher.tokens(teacher_in), keep)
+        pred = model(student_in, keep)
         return token_alignment_loss(pred, targets)
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:

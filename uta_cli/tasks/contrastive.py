@@ -14,14 +14,14 @@ from accelerate import Accelerator
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from uta_cli.data import Source
+from uta_cli.data import Source, View, normalize
 from uta_cli.tasks.common import decay_groups
 
 
 class ContrastiveTask:
     name = "clip-contrastive"
 
-    def __init__(self, clip: nn.Module, tokenizer, source: Source, image_view: str = "image",
+    def __init__(self, clip: nn.Module, tokenizer, source: Source, image_view: View,
                  validate_fn: Callable[[nn.Module], dict] | None = None,
                  meta: dict | None = None):
         self.model = clip
@@ -32,6 +32,7 @@ class ContrastiveTask:
         self.meta = meta or {}
         self.device = torch.device("cpu")
         self.loss: ClipLoss | None = None
+        self._tokens: dict[str, torch.Tensor] = {}  # captions repeat; tokenise each once
 
     def setup(self, accelerator: Accelerator) -> None:
         self.device = accelerator.device
@@ -50,11 +51,20 @@ class ContrastiveTask:
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():  # as open_clip's trainer: temperature capped at 100
             self.model.logit_scale.clamp_(0, math.log(100))
-        images = batch[self.image_view].to(self.device, non_blocking=True)
-        text = self.tokenizer(list(batch["caption"])).to(self.device, non_blocking=True)
+        images = normalize(batch[self.image_view.name].to(self.device, non_blocking=True),
+                           self.image_view)
+        text = self.tokenize(list(batch["caption"])).to(self.device, non_blocking=True)
         image_features, text_features, logit_scale = model(images, text)[:3]
         loss = self.loss(image_features, text_features, logit_scale)
         return {"loss": loss, "logit_scale": logit_scale.detach()}
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self._tokens]
+        if new:
+            if len(self._tokens) > 100_000:  # a real caption corpus: don't grow without bound
+                self._tokens.clear()
+            self._tokens.update(zip(new, self.tokenizer(new)))
+        return torch.stack([self._tokens[c] for c in captions])
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         return self.validate_fn(model) if self.validate_fn else {}
