@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import write_clip_folder
+
 from uta_cli.errors import UtaUsageError
 from uta_cli.losses import gather_targets, token_alignment_loss
 from uta_cli.models.teacher import load_teacher

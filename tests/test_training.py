@@ -167,3 +167,31 @@ def test_two_processes_stay_in_sync_and_see_different_samples(tmp_path, tiny_cli
     assert len(end["rank_weights"]) == 2
     assert end["rank_weights"][0] == end["rank_weights"][1]
     assert end["rank_samples_digest"][0] != end["rank_samples_digest"][1]
+
+
+def test_pretrain_streams_tar_shards(tmp_path, tiny_clip_dir):
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        with tarfile.open(tmp_path / f"shard-{s:02d}.tar", "w") as tar:
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buf, "PNG")
+                info = tarfile.TarInfo(f"s{s}_{i:03d}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    sets = tiny_overrides(tiny_clip_dir, steps=5, **{
+        "data.source": str(tmp_path / "shard-{00..03}.tar"), "data.samples_per_epoch": 24,
+        "data.num_workers": 2})
+    out = run(tmp_path / "run", sets)
+    assert out.returncode == 0, out.stderr
+    assert metrics(tmp_path / "run")[-1]["step"] == 5  # 3 steps per epoch: the stream restarts
+    too_few = run(tmp_path / "run2", tiny_overrides(tiny_clip_dir, **{
+        "data.source": str(tmp_path / "shard-{00..01}.tar"), "data.samples_per_epoch": 12,
+        "data.num_workers": 4}))
+    assert too_few.returncode == 2 and "shard" in too_few.stderr

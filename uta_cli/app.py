@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from uta_cli import __version__
+from uta_cli.commands import inspect_mask, pretrain
 
 app = typer.Typer(
     name="uta",
@@ -30,12 +31,8 @@ def _root(
 
 
 # Command registration: one line per command module.
-from uta_cli.commands import pretrain as _pretrain  # noqa: E402
-
-app.command("pretrain")(_pretrain.pretrain)
-from uta_cli.commands import inspect_mask as _inspect_mask  # noqa: E402
-
-app.command("inspect-mask")(_inspect_mask.inspect_mask)
+app.command("pretrain")(pretrain.pretrain)
+app.command("inspect-mask")(inspect_mask.inspect_mask)
 
 
 def main() -> None:

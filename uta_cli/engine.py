@@ -38,17 +38,9 @@ from torch import nn
 
 from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
-from uta_cli.errors import UtaUsageError
+from uta_cli.errors import TrainingDiverged, TrainingInterrupted, UtaUsageError
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; reported as exit 1 with the last good checkpoint."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGTERM was received; a checkpoint was written before stopping."""
 
 
 class Task(Protocol):

@@ -7,3 +7,11 @@ class UtaUsageError(Exception):
     """Bad usage or bad input. The message names the problem and the fix."""
 
     exit_code = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; reported as exit 1, the last good checkpoint kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM was received; a checkpoint was written before stopping (exit 143)."""

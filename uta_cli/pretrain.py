@@ -66,7 +66,7 @@ def describe(recipe: Recipe) -> Table:
     return table
 
 
-def _check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe: Recipe) -> None:
     if not recipe.data.source:
         raise UtaUsageError(f"data.source is not set in recipe '{recipe.name}'. Point it at your "
                             f"images, e.g. --set data.source=/data/imagenet/train (a folder, an "
@@ -85,7 +85,7 @@ def _check_recipe(recipe: Recipe) -> None:
 def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                  console: Console | None = None) -> dict:
     console = console or Console()
-    _check_recipe(recipe)
+    check_recipe(recipe)
     acc = make_accelerator(recipe.train.precision)
     main = acc.is_main_process
     say = console.print if main else (lambda *a, **k: None)
@@ -94,7 +94,8 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
 
     teacher_model, teacher_weights = recipe.teacher.model, recipe.teacher.weights
     if teacher_weights == "demo":
-        teacher_model, teacher_weights = "local-dir:" + ensure_demo_teacher(recipe.demo, acc, say), ""
+        folder = ensure_demo_teacher(recipe.demo, acc, say)
+        teacher_model, teacher_weights = "local-dir:" + folder, ""
     teacher = load_teacher(teacher_model, teacher_weights)
     set_seed(recipe.seed)  # the same initial student on every rank
     student = UTAStudent(recipe.student, teacher.embed_dim)

@@ -44,7 +44,8 @@ class DataConfig:
 
 @dataclass
 class StudentConfig:
-    family: Literal["eva", "vit"] = "eva"  # timm `Eva` (EVA-02 style, 2-D RoPE) or `VisionTransformer`
+    # timm `Eva` (EVA-02 style, 2-D RoPE) or timm `VisionTransformer`
+    family: Literal["eva", "vit"] = "eva"
     image_size: int = 224
     patch_size: int = 16
     width: int = 768
@@ -202,7 +203,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise UtaUsageError(f"Recipe key '{path}' must be {_type_name(tp)}; got {value!r}.{hint}")
+            raise UtaUsageError(
+                f"Recipe key '{path}' must be {_type_name(tp)}; got {value!r}.{hint}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -250,8 +252,8 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
 
 def recipe_from_dict(data: dict) -> Recipe:
     if not isinstance(data, dict):
-        raise UtaUsageError("A recipe must be a YAML mapping with sections such as data:, student:, "
-                            "teacher:, mask:, optim:, schedule:, train:.")
+        raise UtaUsageError("A recipe must be a YAML mapping with sections such as data:, "
+                            "student:, teacher:, mask:, optim:, schedule:, train:.")
     return _build(Recipe, data)
 
 

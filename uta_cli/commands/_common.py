@@ -9,7 +9,7 @@ import sys
 import typer
 from rich.console import Console
 
-from uta_cli.errors import UtaUsageError
+from uta_cli.errors import TrainingDiverged, TrainingInterrupted, UtaUsageError
 
 err_console = Console(stderr=True)
 
@@ -17,8 +17,6 @@ err_console = Console(stderr=True)
 @contextlib.contextmanager
 def cli_errors():
     """Map known failures to exit codes: bad usage/input 2, training failures 1."""
-    from uta_cli.engine import TrainingDiverged, TrainingInterrupted
-
     try:
         yield
     except UtaUsageError as e:
@@ -37,4 +35,5 @@ def cli_errors():
 
 
 def quiet_libraries() -> None:
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(message)s")

@@ -31,8 +31,10 @@ def pretrain(
     """
     quiet_libraries()
     with cli_errors():
-        from uta_cli.pretrain import run_pretrain
         from uta_cli.recipe import load_recipe
 
-        loaded = load_recipe(recipe, set_)
+        loaded = load_recipe(recipe, set_)  # bad recipes fail here, before torch is imported
+        from uta_cli.pretrain import check_recipe, run_pretrain
+
+        check_recipe(loaded)
         run_pretrain(loaded, output_dir=output_dir, resume=resume)

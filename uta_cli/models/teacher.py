@@ -117,7 +117,8 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
             clip = open_clip.create_model(model, pretrained=weights)
         except Exception as e:
             raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': {e}. "
-                                f"Offline? Use a local weights file instead of a hub tag.") from None
+                                "Offline? Use a local weights file instead of a hub tag."
+                                ) from None
     pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = pp.get("size", clip.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
