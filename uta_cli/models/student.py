@@ -89,3 +89,19 @@ class UTAStudent(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The CLS output on the full image: a CLIP image embedding (not normalised)."""
         return self.forward(images)[:, 0]
+
+
+def student_from_checkpoint(ckpt_dir: str) -> tuple[UTAStudent, dict]:
+    """Rebuild the student of a uta checkpoint folder (or run directory) with its weights."""
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.errors import UtaUsageError
+
+    folder = ckpt.resolve_checkpoint(ckpt_dir)
+    meta = ckpt.load_meta(folder)
+    if "student" not in meta or "embed_dim" not in meta:
+        raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
+    cfg = StudentConfig(**meta["student"])
+    model = UTAStudent(cfg, int(meta["embed_dim"]))
+    model.load_state_dict(ckpt.load_weights(folder))
+    meta["checkpoint_dir"] = folder
+    return model.eval(), meta

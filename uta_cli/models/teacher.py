@@ -267,3 +267,44 @@ class CLIPTeacher:
 def load_teacher(model: str, weights: str) -> CLIPTeacher:
     clip, identity = load_clip(model, weights)
     return CLIPTeacher(clip, identity)
+
+
+def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
+    """The teacher recorded in a checkpoint's meta.json, refused if it is not the same one.
+
+    weights_override: where the weights live now (a run directory moved to another machine).
+    The fingerprint, embed_dim and open_clip config must still match what training used.
+    """
+    recorded = meta.get("teacher")
+    if not recorded:
+        raise UtaUsageError("The checkpoint records no teacher; pass one explicitly.")
+    model, weights = recorded["model"], recorded["weights"]
+    if weights_override:
+        if model.startswith("local-dir:"):
+            model = "local-dir:" + weights_override if os.path.isdir(weights_override) else model
+            weights = "" if os.path.isdir(weights_override) else weights_override
+        else:
+            weights = weights_override
+    elif model.startswith("local-dir:") and not os.path.isdir(model[len("local-dir:"):]):
+        raise UtaUsageError(f"The checkpoint's teacher folder {model[len('local-dir:'):]} does "
+                            f"not exist here. Pass --teacher-weights with its new location.")
+    elif weights and not weights.startswith("tag:") and os.sep in weights and \
+            not os.path.exists(weights):
+        raise UtaUsageError(f"The checkpoint's teacher weights {weights} do not exist here. "
+                            f"Pass --teacher-weights with their new location.")
+    teacher = load_teacher(model, weights)
+    now = teacher.identity
+    problems = []
+    if now.embed_dim != recorded["embed_dim"]:
+        problems.append(f"embed_dim {now.embed_dim} != {recorded['embed_dim']}")
+    if recorded.get("weights_fingerprint") and \
+            now.weights_fingerprint != recorded["weights_fingerprint"]:
+        problems.append("different weights (fingerprint mismatch)")
+    if recorded.get("model_cfg") and now.model_cfg != recorded["model_cfg"]:
+        problems.append("different open_clip config (e.g. QuickGELU)")
+    if problems:
+        raise UtaUsageError(f"Teacher mismatch: the checkpoint was trained against "
+                            f"{recorded['model']} ({recorded['weights'] or 'folder'}), but the "
+                            f"teacher found has {', '.join(problems)}. Point --teacher-weights at "
+                            f"the teacher used for training.")
+    return teacher
