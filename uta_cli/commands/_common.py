@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from uta_cli.errors import TrainingDiverged, TrainingInterrupted, UtaUsageError
 
@@ -20,13 +21,14 @@ def cli_errors():
     try:
         yield
     except UtaUsageError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None
     except TrainingDiverged as e:
-        err_console.print(f"[bold red]training stopped:[/bold red] {e}", highlight=False)
+        err_console.print(f"[bold red]training stopped:[/bold red] {escape(str(e))}",
+                          highlight=False)
         raise typer.Exit(1) from None
     except TrainingInterrupted as e:
-        err_console.print(f"[yellow]{e}[/yellow]", highlight=False)
+        err_console.print(f"[yellow]{escape(str(e))}[/yellow]", highlight=False)
         raise typer.Exit(143) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]Interrupted.[/yellow] The newest complete checkpoint is kept; "

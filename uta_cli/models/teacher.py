@@ -288,7 +288,7 @@ def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
     elif model.startswith("local-dir:") and not os.path.isdir(model[len("local-dir:"):]):
         raise UtaUsageError(f"The checkpoint's teacher folder {model[len('local-dir:'):]} does "
                             f"not exist here. Pass --teacher-weights with its new location.")
-    elif weights and not weights.startswith("tag:") and os.sep in weights and \
+    elif weights and not weights.startswith("local-dir:") and os.sep in weights and \
             not os.path.exists(weights):
         raise UtaUsageError(f"The checkpoint's teacher weights {weights} do not exist here. "
                             f"Pass --teacher-weights with their new location.")

@@ -1,0 +1,83 @@
+"""`uta export`: a checkpoint as ONNX, TorchScript, torch.export or open_clip, verified."""
+
+from __future__ import annotations
+
+import typer
+from rich.markup import escape
+
+from uta_cli.commands._common import cli_errors, err_console, quiet_libraries
+from uta_cli.errors import UtaUsageError
+
+
+def export(
+    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*) or a "
+                             "run directory (its newest checkpoint)."),
+    format_: str = typer.Option(..., "--format", help="onnx | torchscript | pt2 | open-clip."),
+    output: str = typer.Option(..., "--output", help="The file to write (a folder for "
+                               "open-clip)."),
+    output_kind: str = typer.Option("embedding", "--output-kind", help="embedding: the "
+                                    "L2-normalised CLIP-space embedding; tokens: every token in "
+                                    "the joint space; classifier: zero-shot logits (needs "
+                                    "--classnames)."),
+    classnames: str = typer.Option("", "--classnames", help="Class names, one a line "
+                                   "(classifier only)."),
+    templates: str = typer.Option("openai", "--templates", help="openai (80 prompts), simple (7), "
+                                  "or a file of templates with {c}, one a line."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the "
+                                     "exporter's)."),
+    atol: float | None = typer.Option(None, "--atol", help="Largest allowed absolute "
+                                      "difference from PyTorch (default: 1e-4 embedding, 1e-3 "
+                                      "tokens, 1e-2 logits)."),
+    min_cosine: float = typer.Option(0.9999, "--min-cosine", help="Smallest allowed cosine "
+                                     "between the artefact's outputs and PyTorch's."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the artefact back "
+                                   "and comparing it with PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
+                                        "teacher lives now, if moved (classifier, open-clip)."),
+) -> None:
+    """Export a UTA student for deployment, then load it back and check it against PyTorch.
+
+    Verification runs random and image-like inputs at batch 1 and 3 through the reloaded artefact
+    (onnxruntime, torch.jit.load, torch.export.load, open_clip) and prints the max absolute
+    difference and cosine; beyond tolerance it exits 1 and writes nothing.
+
+    The open-clip folder loads with open_clip.create_model_and_transforms("local-dir:FOLDER"):
+    the student is a timm image tower (described by FOLDER/timm_trunk/config.json, referenced by
+    absolute path, so re-export after moving the folder) and the teacher's text tower is kept.
+
+    Examples:
+
+      uta export --ckpt runs/demo --format onnx --output student.onnx
+
+      uta export --ckpt runs/demo --format onnx --output-kind classifier \\
+          --classnames classes.txt --templates simple --output zeroshot.onnx
+
+      uta export --ckpt runs/vitb16 --format open-clip --output exported/uta-b16
+
+      uta export --ckpt runs/demo --format pt2 --output-kind tokens --output tokens.pt2
+    """
+    quiet_libraries()
+    with cli_errors():
+        from uta_cli.export import (
+            ExportFailed,
+            ExportOptions,
+            VerificationFailed,
+            export_checkpoint,
+        )
+
+        opts = ExportOptions(ckpt=ckpt, format=format_, output=output, output_kind=output_kind,
+                             classnames=classnames, templates=templates, opset=opset, atol=atol,
+                             min_cosine=min_cosine, verify=not no_verify, force=force,
+                             teacher_weights=teacher_weights)
+        try:
+            export_checkpoint(opts, say=typer.echo)
+        except UtaUsageError as e:
+            # As cli_errors, but escaped: the message names the extra "uta[onnx]", which rich
+            # would otherwise swallow as a markup tag.
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+            raise typer.Exit(2) from None
+        except (ExportFailed, VerificationFailed) as e:
+            err_console.print(f"[bold red]export failed:[/bold red] {escape(str(e))}",
+                              highlight=False)
+            raise typer.Exit(1) from None
