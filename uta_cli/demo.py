@@ -104,7 +104,7 @@ def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) ->
     transform = TrainTransform([view], crop_scale=(0.8, 1.0), hflip=True, seed=cfg.data_seed)
     source = Source(ArrayImageDataset(train.images, train.labels, transform, train.captions),
                     transform, MaskCollator(None, (1, 1), cfg.data_seed), cfg.teacher_batch_size,
-                    num_workers=0, seed=cfg.data_seed, rank=accelerator.process_index,
+                    num_workers=1, seed=cfg.data_seed, rank=accelerator.process_index,
                     world=accelerator.num_processes)
 
     def validate(model: torch.nn.Module) -> dict:
