@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from uta_cli import __version__
-from uta_cli.commands import export, inspect_mask, pretrain
+from uta_cli.commands import export, inspect_mask, pretrain, zeroshot
 
 app = typer.Typer(
     name="uta",
@@ -33,6 +33,7 @@ def _root(
 # Command registration: one line per command module.
 app.command("pretrain")(pretrain.pretrain)
 app.command("inspect-mask")(inspect_mask.inspect_mask)
+app.command("zeroshot")(zeroshot.zeroshot)
 app.command("export")(export.export)
 
 

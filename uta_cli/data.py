@@ -198,10 +198,11 @@ class Source:
 
     def __init__(self, dataset, transform, collator: MaskCollator, batch_size: int,
                  num_workers: int, seed: int, rank: int, world: int, samples_per_epoch: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, drop_last: bool = True):
         self.dataset, self.transform, self.collator = dataset, transform, collator
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.drop_last = drop_last  # training: equal batches; evaluation: every image
         self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         self.samples_per_epoch = samples_per_epoch if self.iterable else len(dataset)
         if self.iterable:
@@ -227,7 +228,7 @@ class Source:
         self.collator.epoch = epoch
         common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
                       collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
-                      drop_last=True, persistent_workers=False)
+                      drop_last=self.drop_last, persistent_workers=False)
         if self.iterable:
             return itertools.islice(self._endless(epoch, common), skip, None)
         if self.shuffle:

@@ -68,7 +68,7 @@ def eval_batches(split: DemoSplit, views: list[View], batch_size: int = 500):
     """Held-out demo images through the zero-shot transform, in order."""
     dataset = ArrayImageDataset(split.images, split.labels, EvalTransform(views))
     source = Source(dataset, dataset.transform, MaskCollator(None, (1, 1), 0), batch_size,
-                    num_workers=0, seed=0, rank=0, world=1, shuffle=False)
+                    num_workers=0, seed=0, rank=0, world=1, shuffle=False, drop_last=False)
     return source.batches(epoch=0)
 
 

@@ -133,7 +133,7 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     if val_set is not None:
         val_source = Source(val_set, val_tf, MaskCollator(spec, student.grid_size, recipe.seed + 1),
                             recipe.data.batch_size, recipe.data.num_workers, 0, 0, 1,
-                            shuffle=False)
+                            shuffle=False, drop_last=False)
     task = AlignmentTask(recipe, student, teacher, source, val_source,
                          {v.name: v for v in views}, grid_note)
 

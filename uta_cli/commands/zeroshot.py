@@ -1,0 +1,100 @@
+"""`uta zeroshot`: zero-shot classification and retrieval through the teacher's text tower."""
+
+from __future__ import annotations
+
+import typer
+
+from uta_cli.commands._common import cli_errors, quiet_libraries
+
+
+def zeroshot(
+    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*) or a "
+                             "run directory (its newest complete checkpoint)."),
+    dataset: str = typer.Option(..., "--dataset", help="imagenet (with --data-dir), demo, a "
+                                "class folder (path or fsspec URL), tar shards "
+                                "(data/val-{000..009}.tar, with --classnames), or for "
+                                "--task retrieval a captions .json/.csv or a folder holding "
+                                "captions.json|csv."),
+    data_dir: str = typer.Option("", "--data-dir", help="imagenet: the folder holding "
+                                 "val/<wnid>/ (or val itself). retrieval: the images' folder "
+                                 "(default: the captions file's folder)."),
+    classnames: str = typer.Option("", "--classnames", help="One class name per line, in label "
+                                   "order (default: OpenAI's for imagenet, folder names with _ "
+                                   "as spaces, the demo's)."),
+    templates: str = typer.Option("", "--templates", help="openai (80), simple ('a photo of a "
+                                  "{c}.'), or a file with one template per line using {c}. "
+                                  "Default: openai; the demo's own for demo."),
+    task: str = typer.Option("classification", "--task", help="classification or retrieval."),
+    teacher: bool = typer.Option(False, "--teacher", help="Also evaluate the CLIP teacher on the "
+                                 "same images, side by side."),
+    teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the recorded "
+                                        "teacher's weights are now (a moved run). They must "
+                                        "still match the recorded fingerprint."),
+    output_json: str = typer.Option("", "--output-json", help="Write the results as JSON "
+                                    "(CLIP_benchmark's schema plus provenance)."),
+    per_class: str = typer.Option("", "--per-class", help="Write per-class recall as CSV "
+                                  "(classification)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per forward, per process."),
+    workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes "
+                                "(default: CPUs - 1, at most 8)."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the hardware "
+                                  "has it: GPUs, CPUs with AMX/AVX512-BF16; else fp32), bf16 "
+                                  "or fp32."),
+    cache_dir: str = typer.Option("", "--cache-dir", help="Where class weights are cached "
+                                  "(default: ~/.cache/uta/classifiers or $UTA_CACHE_DIR/"
+                                  "classifiers); 'none' to never cache."),
+) -> None:
+    """Zero-shot classification or retrieval through the teacher's text tower.
+
+    Scores the student (and with --teacher the teacher itself, side by side): top-1, top-5,
+    mean per-class recall; or image/text retrieval recall@1/5/10 (CLIP_benchmark's).
+    The protocol is UTA-METHOD.md §5: template-averaged normalised class weights, bicubic
+    resize of the short side and centre crop, logits = 100 x cosine. Launched on several
+    processes (torchrun), each evaluates a disjoint shard and the results are gathered.
+
+    Examples:
+
+      uta zeroshot --ckpt runs/demo --dataset demo --teacher
+
+      uta zeroshot --ckpt runs/b16 --dataset imagenet --data-dir /in1k --teacher --per-class pc.csv
+
+      uta zeroshot --ckpt runs/b16/checkpoints/step_00100000 --dataset s3://bkt/flowers/val
+
+      uta zeroshot --ckpt runs/b16 --dataset 'val-{000..063}.tar' --classnames names.txt
+
+      uta zeroshot --ckpt runs/b16 --task retrieval --dataset coco/caps.json --output-json r.json
+
+      torchrun --nproc_per_node 8 -m uta_cli zeroshot --ckpt runs/b16 --dataset imagenet ...
+    """
+    quiet_libraries()
+    with cli_errors():
+        from uta_cli.errors import UtaUsageError
+
+        if per_class and task == "retrieval":
+            raise UtaUsageError("--per-class applies to --task classification.")
+        from uta_cli.evaluation import (
+            ZeroShotOptions,
+            default_workers,
+            render_table,
+            run_zeroshot,
+            write_json,
+            write_per_class_csv,
+        )
+
+        opts = ZeroShotOptions(
+            ckpt=ckpt, dataset=dataset, data_dir=data_dir, classnames=classnames,
+            templates=templates, task=task, teacher=teacher, teacher_weights=teacher_weights,
+            batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
+            precision=precision, cache_dir=cache_dir)
+        from rich.console import Console
+
+        console = Console()
+        result = run_zeroshot(opts, console)
+        if result.is_main:
+            render_table(result, console)
+            if output_json:
+                write_json(result, output_json)
+                console.print(f"wrote {output_json}", highlight=False)
+            if per_class:
+                write_per_class_csv(result, per_class)
+                console.print(f"wrote {per_class}", highlight=False)

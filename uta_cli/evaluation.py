@@ -1,0 +1,947 @@
+"""Zero-shot evaluation of a UTA checkpoint, and of its teacher beside it (`uta zeroshot`).
+
+The student is scored through the recorded teacher's text tower (UTA-METHOD.md §5), on its own
+recorded preprocessing; with `teacher=True` the teacher is scored on its own preprocessing in the
+same pass over the data (one decode, two crops when the sizes differ).
+
+Datasets: `imagenet` (ImageNet-layout val folder, OpenAI class names by sorted wnid), any class
+folder (local or fsspec URL), webdataset tar shards with `.cls` labels, the held-out `demo` images,
+and image-caption sets for retrieval (a folder of images + a JSON or CSV of captions).
+
+Each process evaluates a disjoint shard (indices rank::world, or whole tar shards) and the
+per-sample results are gathered and merged by sample id, so a distributed evaluation reports
+exactly what one process would. Precision: see `resolve_precision` and `StudentEncoder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from torch.utils.data import DataLoader
+
+from uta_cli import __version__
+from uta_cli import checkpoint as ckpt
+from uta_cli.data import ArrayImageDataset, EvalTransform, View, detect_format, normalize
+from uta_cli.datasets import (
+    TAR_SUFFIXES,
+    ImageFolderDataset,
+    ImageFolderIndex,
+    TarShardDataset,
+    collate_skip_none,
+    expand_shard_urls,
+    index_image_folder,
+)
+from uta_cli.errors import UtaUsageError
+from uta_cli.zeroshot import (
+    RECALL_KS,
+    Predictions,
+    assemble_classifier,
+    class_batches,
+    classification_metrics,
+    classifier_cache_key,
+    classifier_part,
+    load_cached_classifier,
+    merge_by_id,
+    read_text_lines,
+    resolve_templates,
+    retrieval_metrics,
+    save_cached_classifier,
+    template_strings,
+    zero_shot_logits,
+)
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from uta_cli.models.teacher import CLIPTeacher
+
+TASKS = ("classification", "retrieval")
+PRECISIONS = ("auto", "bf16", "fp32")
+_CAPTION_FILES = ("captions.json", "captions.csv", "captions.tsv")
+_IMAGE_KEYS = ("image", "filename", "file_name", "file", "filepath", "image_path", "path")
+_CAPTION_KEYS = ("captions", "caption", "texts", "text", "sentences")
+_RESAMPLING = ("bicubic", "bilinear", "nearest")
+_CLASSES_LAYOUT = ("uta zeroshot reads the 'classes' layout: ROOT/<class name>/<image>, one "
+                   "sub-folder per class (class names from the folder names, underscores as "
+                   "spaces, or from --classnames).")
+_CAPTIONS_HELP = (
+    "Expected: a folder of images plus captions.json, a list of {\"image\": \"a.jpg\", "
+    "\"captions\": [\"...\", \"...\"]} (or {\"a.jpg\": [\"...\"]}, or COCO's images + "
+    "annotations), or captions.csv / .tsv with a header and columns image,caption (one row per "
+    "caption; several rows per image). Image paths are relative to --data-dir, else to the "
+    "captions file's folder.")
+
+
+# --------------------------------------------------------------------------------------------
+# options
+
+
+def default_workers() -> int:
+    # One core feeds the model, the others decode: more workers than cores only thrash.
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class ZeroShotOptions:
+    """What `uta zeroshot` takes; see `uta zeroshot --help`."""
+
+    ckpt: str
+    dataset: str
+    data_dir: str = ""
+    classnames: str = ""
+    templates: str = ""  # "" = the dataset's own: openai (ImageNet, folders, tars), demo's
+    task: str = "classification"
+    teacher: bool = False
+    teacher_weights: str = ""
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    precision: str = "auto"
+    cache_dir: str = ""  # "" = <uta cache>/classifiers; "none" = never cache
+    texts_per_batch: int = 1024
+
+
+def check_options(opts: ZeroShotOptions) -> None:
+    if opts.task not in TASKS:
+        raise UtaUsageError(f"--task {opts.task!r} is not one of: {', '.join(TASKS)}.")
+    if opts.precision not in PRECISIONS:
+        raise UtaUsageError(f"--precision {opts.precision!r} is not one of: "
+                            f"{', '.join(PRECISIONS)}.")
+    if opts.batch_size < 1 or opts.workers < 0 or opts.texts_per_batch < 1:
+        raise UtaUsageError("--batch-size must be at least 1 and --workers at least 0.")
+    if opts.task == "retrieval" and (opts.templates or opts.classnames):
+        raise UtaUsageError("--templates and --classnames apply to --task classification; "
+                            "retrieval scores the captions themselves.")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware here (AMX or AVX512-BF16 on CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)  # private probes: absent means "don't know"
+        with contextlib.suppress(Exception):
+            if fn is not None and fn():
+                return True
+    return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' is bf16 where the hardware has bf16 (GPUs, CPUs with AMX/AVX512-BF16), else fp32.
+
+    Measured on a 2-core AVX512 CPU without BF16 (ViT-B/16, 224 px, batch 8): the student ran
+    2.4 img/s in fp32, 0.67 with bf16 autocast and 0.68 with bf16 weights; the open_clip teacher
+    1.24 in fp32 and 0.46 with bf16 weights. Emulated bf16 is 2-3x slower there.
+    """
+    if requested not in PRECISIONS:
+        raise UtaUsageError(f"--precision {requested!r} is not one of: {', '.join(PRECISIONS)}.")
+    if requested == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return requested
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+
+
+@dataclass
+class EvalSet:
+    """A resolved evaluation dataset: where the images are, and the class names or captions."""
+
+    name: str
+    kind: str  # imagenet | folder | tar | demo | captions
+    location: str
+    classnames: list[str] = field(default_factory=list)
+    classnames_source: str = ""
+    default_templates: str = "openai"
+    index: ImageFolderIndex | None = None
+    demo_images: object = None  # uint8 (N, H, W, 3) for the demo
+    demo_labels: object = None
+    shards: list[str] | None = None
+    captions: list[list[str]] | None = None  # retrieval: the captions of image i
+
+    @property
+    def num_samples(self) -> int | None:
+        if self.index is not None:
+            return len(self.index)
+        if self.demo_images is not None:
+            return len(self.demo_images)
+        return None  # tar shards have no length
+
+    def dataset(self, transform) -> torch.utils.data.Dataset:
+        if self.index is not None:
+            return ImageFolderDataset(self.index, transform)
+        return ArrayImageDataset(self.demo_images, self.demo_labels, transform)
+
+
+def _url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise UtaUsageError(f"Cannot open {url!r}: {e}. Use a local path or an fsspec URL "
+                            "(s3:// needs `pip install 'uta[s3]'`).") from None
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def _apply_classnames_file(path: str, count: int, what: str) -> list[str]:
+    names = read_text_lines(path, "class names")
+    if len(names) != count:
+        raise UtaUsageError(f"--classnames {path} lists {len(names)} names, but {what} has "
+                            f"{count} classes. Give one name per line, in label order.")
+    return names
+
+
+def _demo_split(meta: dict):
+    from uta_cli.demo_data import demo_splits
+    from uta_cli.recipe import DemoConfig
+
+    # The held-out split that the checkpoint's own recipe generated (its size and seed).
+    recorded = (meta.get("recipe") or {}).get("demo") or {}
+    defaults = DemoConfig()
+    val = int(recorded.get("val_images", defaults.val_images))
+    seed = int(recorded.get("data_seed", defaults.data_seed))
+    if val < 1:
+        raise UtaUsageError("The checkpoint's recipe has demo.val_images = 0: no held-out demo "
+                            "images to evaluate.")
+    return demo_splits(0, val, seed)[1]
+
+
+def _imagenet(data_dir: str, classnames_file: str) -> EvalSet:
+    from open_clip import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    if not data_dir:
+        raise UtaUsageError("--dataset imagenet needs --data-dir: the ImageNet folder that holds "
+                            "val/<wnid>/*.JPEG, or the val folder itself.")
+    fs, path = _url_to_fs(data_dir)
+    root = data_dir.rstrip("/") + "/val" if fs.isdir(path.rstrip("/") + "/val") else data_dir
+    index = index_image_folder(root, "classes")
+    wnids = ImageNetInfo("imagenet-1k").label_names()  # the 1000 synsets, sorted
+    known = set(wnids)
+    unknown = [c for c in index.classes if c not in known]
+    layout = ("Expected ImageNet-1k's val layout: val/<wnid>/*.JPEG with the 1000 synset "
+              f"folders {wnids[0]} ... {wnids[-1]} (see ILSVRC2012 valprep).")
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:3])
+        raise UtaUsageError(f"{root} has {len(unknown)} folder(s) that are not ImageNet-1k "
+                            f"wnids (e.g. {shown}). {layout} For other class folders pass the "
+                            f"folder itself as --dataset.")
+    if index.classes != wnids:
+        missing = sorted(known - set(index.classes))
+        raise UtaUsageError(f"{root} has {len(index.classes)} of the 1000 ImageNet-1k class "
+                            f"folders (missing e.g. {', '.join(missing[:3])}). {layout}")
+    names, source = list(IMAGENET_CLASSNAMES), "openai (open_clip IMAGENET_CLASSNAMES)"
+    if classnames_file:
+        names, source = _apply_classnames_file(classnames_file, 1000, "ImageNet-1k"), \
+            classnames_file
+    return EvalSet("imagenet", "imagenet", root, names, source, "openai", index=index)
+
+
+def _is_tar_spec(location: str) -> bool:
+    s = location.rstrip("/")
+    return s.endswith(TAR_SUFFIXES) or ("{" in s and "}" in s) or \
+        (os.path.isdir(s) and detect_format(s, "auto") == "tar")
+
+
+def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
+                    task: str = "classification", meta: dict | None = None) -> EvalSet:
+    """Resolve --dataset (+ --data-dir, --classnames) into an EvalSet; bad input is exit 2."""
+    meta = meta or {}
+    if not dataset:
+        raise UtaUsageError("--dataset is empty. Give imagenet, demo, a class folder, tar shards "
+                            "or (with --task retrieval) an image-caption set.")
+    if task == "retrieval":
+        return _retrieval_set(dataset, data_dir, meta)
+    if dataset == "imagenet":
+        return _imagenet(data_dir, classnames_file)
+    if data_dir:
+        raise UtaUsageError("--data-dir is for --dataset imagenet and for retrieval images. For "
+                            "a class folder or tar shards, give the location as --dataset.")
+    if dataset == "demo":
+        from uta_cli.demo_data import CLASSNAMES
+
+        split = _demo_split(meta)
+        names, source = list(CLASSNAMES), "demo"
+        if classnames_file:
+            names, source = _apply_classnames_file(classnames_file, len(CLASSNAMES), "demo"), \
+                classnames_file
+        return EvalSet("demo", "demo", "demo", names, source, "demo",
+                       demo_images=split.images, demo_labels=split.labels)
+    if _is_tar_spec(dataset):
+        shards = expand_shard_urls(dataset)
+        if not classnames_file:
+            raise UtaUsageError(
+                "Tar shards carry integer labels (.cls) but no class names. Pass --classnames "
+                "FILE with one class name per line in label order (line 1 is label 0).")
+        names = read_text_lines(classnames_file, "class names")
+        return EvalSet(dataset, "tar", dataset, names, classnames_file, "openai", shards=shards)
+    try:
+        index = index_image_folder(dataset, "classes")
+    except UtaUsageError as e:
+        raise UtaUsageError(f"{e} {_CLASSES_LAYOUT}") from None
+    if classnames_file:
+        names = _apply_classnames_file(classnames_file, len(index.classes),
+                                       f"the folder {dataset}")
+        source = classnames_file
+    else:
+        names, source = [c.replace("_", " ") for c in index.classes], "folder names"
+    return EvalSet(dataset, "folder", dataset, names, source, "openai", index=index)
+
+
+def resolve_eval_templates(spec: str, evalset: EvalSet) -> tuple[str, list[str]]:
+    """--templates, or the dataset's own set when not given."""
+    spec = spec or evalset.default_templates
+    if spec == "demo":
+        from uta_cli.demo_data import TEMPLATES
+
+        return "demo", template_strings(TEMPLATES)
+    return resolve_templates(spec)
+
+
+# -- image-caption sets ----------------------------------------------------------------------
+
+
+def _as_caption_list(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UtaUsageError(f"Captions of {where} must be a string or a list of strings. "
+                            f"{_CAPTIONS_HELP}")
+    return [v.strip() for v in value if v.strip()]
+
+
+def _pick(keys, options: tuple[str, ...]) -> str | None:
+    lowered = {k.lower(): k for k in keys}
+    return next((lowered[o] for o in options if o in lowered), None)
+
+
+def parse_captions(text: str, fmt: str, source: str) -> list[tuple[str, list[str]]]:
+    """(image path, captions) in order of first appearance; rows of one image are merged."""
+    grouped: dict[str, list[str]] = {}
+
+    def add(image, caps, where: str) -> None:
+        if not isinstance(image, str) or not image:
+            raise UtaUsageError(f"{source}: {where} has no image path. {_CAPTIONS_HELP}")
+        grouped.setdefault(image, []).extend(_as_caption_list(caps, f"{image!r}"))
+
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UtaUsageError(f"{source} is not valid JSON ({e}). {_CAPTIONS_HELP}") from None
+        if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO
+            files = {img["id"]: img["file_name"] for img in data["images"]}
+            for img in data["images"]:
+                grouped.setdefault(img["file_name"], [])
+            for ann in data["annotations"]:
+                add(files.get(ann.get("image_id")), ann.get("caption"), "an annotation")
+        elif isinstance(data, dict):
+            for image, caps in data.items():
+                add(image, caps, f"key {image!r}")
+        elif isinstance(data, list):
+            for i, row in enumerate(data):
+                if not isinstance(row, dict):
+                    raise UtaUsageError(f"{source}: entry {i} is not an object. {_CAPTIONS_HELP}")
+                ik, ck = _pick(row, _IMAGE_KEYS), _pick(row, _CAPTION_KEYS)
+                if ik is None or ck is None:
+                    raise UtaUsageError(f"{source}: entry {i} needs an image key "
+                                        f"({'/'.join(_IMAGE_KEYS)}) and a caption key "
+                                        f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
+                add(row[ik], row[ck], f"entry {i}")
+        else:
+            raise UtaUsageError(f"{source}: unsupported JSON layout. {_CAPTIONS_HELP}")
+    else:
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
+        ik = _pick(reader.fieldnames or [], _IMAGE_KEYS)
+        ck = _pick(reader.fieldnames or [], _CAPTION_KEYS)
+        if ik is None or ck is None:
+            raise UtaUsageError(f"{source}: the header {reader.fieldnames} needs an image column "
+                                f"({'/'.join(_IMAGE_KEYS)}) and a caption column "
+                                f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
+        for i, row in enumerate(reader):
+            add(row[ik], row[ck] or "", f"row {i + 2}")
+    if not grouped:
+        raise UtaUsageError(f"{source} lists no images. {_CAPTIONS_HELP}")
+    bare = [img for img, caps in grouped.items() if not caps]
+    if bare:
+        raise UtaUsageError(f"{source}: {len(bare)} image(s) have no caption (e.g. {bare[0]!r}); "
+                            "every image needs at least one.")
+    return list(grouped.items())
+
+
+def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
+    if dataset == "demo":
+        split = _demo_split(meta)
+        return EvalSet("demo", "demo", "demo", classnames_source="demo",
+                       demo_images=split.images,
+                       demo_labels=torch.arange(len(split.images)).numpy(),
+                       captions=[[c] for c in split.captions])
+    fs, path = _url_to_fs(dataset)
+    local = _is_local(fs)
+    if fs.isdir(path):
+        found = [n for n in _CAPTION_FILES if fs.isfile(path.rstrip("/") + "/" + n)]
+        if not found:
+            raise UtaUsageError(f"{dataset} holds no {', '.join(_CAPTION_FILES)}. "
+                                f"{_CAPTIONS_HELP}")
+        captions_url = dataset.rstrip("/") + "/" + found[0]
+        image_root = data_dir or dataset
+    elif fs.isfile(path) and path.lower().endswith((".json", ".csv", ".tsv")):
+        captions_url = dataset
+        image_root = data_dir or (os.path.dirname(os.path.abspath(dataset)) if local
+                                  else dataset.rsplit("/", 1)[0])
+    else:
+        raise UtaUsageError(f"Retrieval dataset {dataset!r} is neither a folder with a captions "
+                            f"file nor a .json/.csv/.tsv file (or it does not exist). "
+                            f"{_CAPTIONS_HELP}")
+    with fsspec.open(captions_url, "r", encoding="utf-8") as f:
+        text = f.read()
+    fmt = captions_url.lower().rsplit(".", 1)[-1]
+    pairs = parse_captions(text, fmt, captions_url)
+    root_fs, root_path = _url_to_fs(image_root)
+    if _is_local(root_fs):
+        root = os.path.normpath(root_path)
+        files = [os.path.normpath(os.path.join(root, img)) for img, _ in pairs]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UtaUsageError(f"{len(missing)} image(s) named in {captions_url} do not exist "
+                                f"(e.g. {missing[0]}). Image paths are taken relative to "
+                                f"{root}; set --data-dir to the images' folder.")
+    else:  # remote images are not checked one request each; a missing one is counted as skipped
+        root = root_fs.unstrip_protocol(root_path.rstrip("/"))
+        files = [img if "://" in img else f"{root}/{img.lstrip('/')}" for img, _ in pairs]
+    index = ImageFolderIndex(root=root, files=files, labels=list(range(len(files))), classes=[])
+    return EvalSet(captions_url, "captions", captions_url, index=index,
+                   captions=[caps for _, caps in pairs])
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+class StudentEncoder:
+    """The student's CLS embedding at the chosen precision.
+
+    On CPU, bf16 casts the WEIGHTS: autocast re-casts every weight of a frozen model on every
+    call (its cast cache only keeps tensors that require grad), the pitfall DESIGN.md measured
+    on the teacher. On GPU, bf16 is autocast over fp32 weights (fp32 norms and softmax).
+    """
+
+    def __init__(self, student: torch.nn.Module, device: torch.device, precision: str):
+        self.student = student.eval().requires_grad_(False)
+        self.device = device
+        self.autocast = precision == "bf16" and device.type != "cpu"
+        self.dtype = torch.bfloat16 if precision == "bf16" and device.type == "cpu" \
+            else torch.float32
+        self.student.to(device=device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, self.dtype)
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast \
+            else contextlib.nullcontext()
+        with ctx:
+            return self.student.encode_image(images).float()
+
+
+def text_encoder(teacher: CLIPTeacher) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher's text tower at the teacher's precision (weights cast by CLIPTeacher.to)."""
+
+    def encode(tokens: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=teacher.dtype) \
+            if teacher.device.type == "cuda" and teacher.dtype != torch.float32 \
+            else contextlib.nullcontext()
+        with ctx:
+            return teacher.clip.encode_text(tokens.to(teacher.device)).float()
+
+    return encode
+
+
+@dataclass
+class Encoder:
+    role: str  # student | teacher
+    model: str  # CLIP_benchmark's "model"
+    pretrained: str  # CLIP_benchmark's "pretrained"
+    view: View
+    encode: Callable[[torch.Tensor], torch.Tensor]
+
+
+def eval_view(name: str, size: int, mean, std, interpolation: str) -> View:
+    interpolation = interpolation if interpolation in _RESAMPLING else "bicubic"
+    return View(name, int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
+                interpolation)
+
+
+def student_label(meta: dict) -> str:
+    s = meta["student"]
+    return (f"uta-{s.get('family', 'vit')}-w{s.get('width')}-d{s.get('depth')}-"
+            f"p{s.get('patch_size')}-{s.get('image_size')}px")
+
+
+def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_teacher: bool,
+                   teacher_weights: str = "") -> tuple[list[Encoder], CLIPTeacher, dict]:
+    """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
+    plus the verified teacher whose text tower scores both."""
+    from uta_cli.models.student import student_from_checkpoint
+    from uta_cli.models.teacher import teacher_from_meta
+
+    student, meta = student_from_checkpoint(ckpt_dir)
+    teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
+    ident = teacher.identity
+    sp = meta.get("student_preprocess") or {}
+    student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
+                         sp.get("mean", ident.mean), sp.get("std", ident.std),
+                         sp.get("interpolation", "bicubic"))
+    encoders = [Encoder("student", student_label(meta), meta["checkpoint_dir"], student_view,
+                        StudentEncoder(student, device, precision))]
+    if with_teacher:
+        encoders.append(Encoder("teacher", ident.model, ident.weights or ident.model,
+                                eval_view("teacher", teacher.image_size, ident.mean, ident.std,
+                                      ident.interpolation), teacher.encode_image))
+    return encoders, teacher, meta
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+
+
+@contextlib.contextmanager
+def progress_bar(console: Console, enabled: bool, total: int | None,
+                 label: str) -> Iterator[Callable[[int], None]]:
+    """A rich bar on a terminal; on a pipe, a few plain lines; nothing off the main process."""
+    if not enabled:
+        yield lambda n: None
+        return
+    if console.is_terminal:
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                       console=console)
+        with bar:
+            task = bar.add_task(label, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+    done = [0, 0]  # items, next item count to report at
+    step = max(1, math.ceil(total / 10)) if total else 1000
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if done[0] >= done[1] + step:
+            done[1] = done[0] - done[0] % step
+            console.print(f"{label}: {done[0]}" + (f"/{total}" if total else ""),
+                          highlight=False)
+
+    yield advance
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class ZeroShotResult:
+    """The JSON report (CLIP_benchmark schema + provenance) and what the table and CSV need."""
+
+    report: dict
+    task: str
+    classnames: list[str] = field(default_factory=list)
+    per_class: dict[str, dict] = field(default_factory=dict)  # role -> per-class counts
+    is_main: bool = True
+
+
+def shard_loader(evalset: EvalSet, transform, rank: int, world: int, batch_size: int,
+                 workers: int, pin: bool) -> tuple[DataLoader, int | None]:
+    """This process's loader (indices rank::world, or whole tar shards) and its image count."""
+    common = dict(batch_size=batch_size, collate_fn=collate_skip_none, pin_memory=pin)
+    if evalset.shards is not None:
+        if len(evalset.shards) < world:
+            raise UtaUsageError(f"{len(evalset.shards)} tar shard(s) cannot be split over {world} "
+                                "processes: each process reads whole shards. Use fewer "
+                                "processes or more, smaller shards.")
+        workers = min(workers, len(evalset.shards) // world)  # each reader slot needs a shard
+        dataset = TarShardDataset(evalset.shards, transform, rank=rank, world_size=world,
+                                  seed=0, shuffle_shards=False)
+        dataset.check_split(workers)
+        return DataLoader(dataset, num_workers=workers, **common), None
+    dataset = evalset.dataset(transform)
+    order = list(range(rank, len(dataset), world))  # disjoint, no padding: no sample twice
+    workers = min(workers, max(1, math.ceil(len(order) / batch_size)))
+    kwargs = dict(prefetch_factor=4) if workers else {}
+    return (DataLoader(dataset, sampler=order, num_workers=workers, **common, **kwargs),
+            len(order))
+
+
+def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: list[str],
+                      device: torch.device, cache_dir: str, state: PartialState,
+                      texts_per_batch: int, console: Console) -> tuple[torch.Tensor, dict]:
+    """Load the class weights from the disk cache, or build them (split over the processes by
+    whole class batches) and cache them. Every process ends with the same tensor."""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    key = classifier_cache_key(teacher.identity.to_dict(), classnames, templates,
+                               str(teacher.dtype).replace("torch.", ""))
+    path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else ""
+    t0 = time.perf_counter()
+    cached = [None]
+    if state.is_main_process and cache_dir:
+        cached[0] = load_cached_classifier(cache_dir, key, len(classnames))
+    broadcast_object_list(cached)
+    if cached[0] is not None:
+        return cached[0].to(device), {"cache": "hit", "path": path,
+                                      "seconds": round(time.perf_counter() - t0, 3)}
+    mine = class_batches(len(classnames), len(templates),
+                         texts_per_batch)[state.process_index::state.num_processes]
+    with progress_bar(console, state.is_main_process and len(mine) > 1,
+                      sum(e - s for s, e in mine),
+                      f"class weights ({len(classnames)} x {len(templates)} prompts)") as adv:
+        part = classifier_part(text_encoder(teacher), teacher.tokenizer, classnames, templates,
+                               device, texts_per_batch, state.process_index,
+                               state.num_processes, progress=adv)
+    classifier = assemble_classifier(gather_object([part]))
+    info = {"cache": "built" if cache_dir else "off", "path": path,
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if state.is_main_process and cache_dir:
+        save_cached_classifier(cache_dir, key, classifier, {
+            "teacher": teacher.identity.model, "classes": len(classnames),
+            "templates": len(templates), "dtype": str(teacher.dtype)})
+    return classifier.to(device), info
+
+
+def classify_shard(loader, total: int | None, encoders: list[Encoder],
+                   classifier: torch.Tensor, device: torch.device, console: Console,
+                   main: bool) -> dict:
+    """Top-k predictions of every encoder for this process's images, plus the skip count."""
+    num_classes = classifier.shape[1]
+    k = min(5, num_classes)
+    ids, labels, tops = [], [], {e.role: [] for e in encoders}
+    skipped, error = 0, None
+    t0 = time.perf_counter()
+    with progress_bar(console, main, total, "images") as advance, torch.inference_mode():
+        for batch in loader:
+            skipped += int(batch["num_skipped"])
+            if "sample_id" in batch:
+                y = batch["label"].long()
+                bad = y[(y < 0) | (y >= num_classes)]
+                if len(bad):  # only tar shards can carry labels outside the class list
+                    error = ("A sample has no .cls label. Zero-shot classification needs an "
+                             "integer class index in a .cls member of every sample."
+                             if int(bad[0]) < 0 else
+                             f"A sample has label {int(bad[0])} (.cls), but there are only "
+                             f"{num_classes} class names (labels 0..{num_classes - 1}). Check "
+                             f"--classnames: one name per line, in label order.")
+                    break
+                for e in encoders:
+                    x = normalize(batch[e.view.name].to(device, non_blocking=True), e.view)
+                    logits = zero_shot_logits(e.encode(x), classifier)
+                    tops[e.role].append(logits.topk(k, dim=-1).indices.cpu())
+                ids.append(batch["sample_id"].long())
+                labels.append(y)
+            advance(len(batch.get("sample_id", ())) + int(batch["num_skipped"]))
+    seconds = time.perf_counter() - t0
+    preds = {role: Predictions(_cat_long(ids), _cat_long(labels),
+                               torch.cat(t) if t else torch.zeros(0, k, dtype=torch.long))
+             for role, t in tops.items()}
+    return {"error": error, "skipped": skipped, "seconds": seconds, "predictions": preds}
+
+
+def _cat_long(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
+
+
+def retrieval_shard(loader, total: int | None, encoders: list[Encoder], teacher: CLIPTeacher,
+                    captions: list[list[str]], device: torch.device, texts_per_batch: int,
+                    console: Console, main: bool) -> dict:
+    """Normalised embeddings of this process's images (per encoder) and of their captions."""
+    ids, embs = [], {e.role: [] for e in encoders}
+    skipped = 0
+    t0 = time.perf_counter()
+    with progress_bar(console, main, total, "images") as advance, torch.inference_mode():
+        for batch in loader:
+            skipped += int(batch["num_skipped"])
+            if "sample_id" in batch:
+                for e in encoders:
+                    x = normalize(batch[e.view.name].to(device, non_blocking=True), e.view)
+                    embs[e.role].append(F.normalize(e.encode(x), dim=-1).cpu())
+                ids.append(batch["sample_id"].long())
+            advance(len(batch.get("sample_id", ())) + int(batch["num_skipped"]))
+        image_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        # The captions of the images this process read (a skipped image takes its captions
+        # with it: they would have no positive). Text ids are global caption indices.
+        offsets = [0]
+        for caps in captions:
+            offsets.append(offsets[-1] + len(caps))
+        text_ids, text_image, texts = [], [], []
+        for i in image_ids.tolist():
+            for j, c in enumerate(captions[i]):
+                text_ids.append(offsets[i] + j)
+                text_image.append(i)
+                texts.append(c)
+        encode = text_encoder(teacher)
+        text_emb = [F.normalize(encode(teacher.tokenizer(texts[s:s + texts_per_batch])), dim=-1)
+                    .cpu() for s in range(0, len(texts), texts_per_batch)]
+    dim = teacher.embed_dim
+    return {"error": None, "skipped": skipped, "seconds": time.perf_counter() - t0,
+            "image_ids": image_ids,
+            "image_emb": {r: torch.cat(v) if v else torch.zeros(0, dim) for r, v in embs.items()},
+            "text_ids": torch.tensor(text_ids, dtype=torch.long),
+            "text_image": torch.tensor(text_image, dtype=torch.long),
+            "text_emb": torch.cat(text_emb) if text_emb else torch.zeros(0, dim)}
+
+
+def merge_classification(parts: list[dict], roles: list[str], num_classes: int) -> dict:
+    """role -> metrics over the merged per-sample predictions of every process."""
+    out = {}
+    for role in roles:
+        merged = Predictions.merge([p["predictions"][role] for p in parts])
+        if len(torch.unique(merged.sample_ids)) != len(merged.sample_ids):
+            raise RuntimeError("a sample was evaluated twice across processes")
+        out[role] = classification_metrics(merged.labels, merged.topk, num_classes)
+    return out
+
+
+def merge_retrieval(parts: list[dict], roles: list[str]) -> dict:
+    """role -> retrieval metrics over the merged embeddings of every process."""
+    image_ids, _ = merge_by_id([(p["image_ids"], p["image_ids"][:, None]) for p in parts])
+    _, text_emb = merge_by_id([(p["text_ids"], p["text_emb"]) for p in parts])
+    _, text_image = merge_by_id([(p["text_ids"], p["text_image"][:, None]) for p in parts])
+    if len(image_ids) == 0 or len(text_emb) == 0:
+        raise UtaUsageError("No readable images (or no captions) to evaluate retrieval on.")
+    # rows of the merged image matrix are sorted by image id: map each text to its row
+    text_row = torch.searchsorted(image_ids, text_image[:, 0])
+    out = {}
+    for role in roles:
+        _, image_emb = merge_by_id([(p["image_ids"], p["image_emb"][role]) for p in parts])
+        out[role] = {**retrieval_metrics(image_emb, text_emb, text_row),
+                     "num_samples": len(image_ids), "num_texts": len(text_emb)}
+    return out
+
+
+def _versions() -> dict:
+    import open_clip
+    import timm
+
+    return {"uta": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "timm": timm.__version__}
+
+
+def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroShotResult:
+    """Evaluate the checkpoint's student (and its teacher) on one dataset; see the module doc."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    t_start = time.perf_counter()
+    check_options(opts)
+    console = console or Console()
+    # Inputs are checked before any model is built, so mistakes come back in a second.
+    ckpt_dir = ckpt.resolve_checkpoint(opts.ckpt)
+    meta = ckpt.load_meta(ckpt_dir)
+    if "student" not in meta or "embed_dim" not in meta:
+        raise UtaUsageError(f"{ckpt_dir} is a '{meta.get('task')}' checkpoint, not a UTA "
+                            "student: uta zeroshot evaluates pre-training checkpoints.")
+    evalset = resolve_dataset(opts.dataset, opts.data_dir, opts.classnames, opts.task, meta)
+    classification = opts.task == "classification"
+    templates_name, templates = resolve_eval_templates(opts.templates, evalset) \
+        if classification else ("", [])
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    main, device = state.is_main_process, state.device
+    say = console.print if main else (lambda *a, **k: None)
+    precision = resolve_precision(opts.precision, device)
+    encoders, teacher, meta = build_encoders(ckpt_dir, device, precision, opts.teacher,
+                                             opts.teacher_weights)
+    ident = teacher.identity
+    roles = [e.role for e in encoders]
+    transform = EvalTransform([e.view for e in encoders])
+    n = evalset.num_samples
+    say(f"[bold]uta zeroshot[/bold] {opts.task} on {escape(evalset.name)} "
+        f"({n if n is not None else 'streamed'} images"
+        + (f", {len(evalset.classnames)} classes, {len(templates)} templates" if classification
+           else f", {sum(len(c) for c in evalset.captions)} captions")
+        + f") | {', '.join(roles)} | {precision} on {device.type}"
+        + (f" x {state.num_processes} processes" if state.num_processes > 1 else ""),
+        highlight=False)
+
+    cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir
+    if not cache_dir and opts.cache_dir.lower() != "none":
+        from uta_cli.demo import cache_root
+
+        cache_dir = os.path.join(cache_root(), "classifiers")
+    loader, total = shard_loader(evalset, transform, state.process_index, state.num_processes,
+                                 opts.batch_size, opts.workers, pin=device.type == "cuda")
+    classifier_info: dict = {}
+    if classification:
+        classifier, classifier_info = obtain_classifier(
+            teacher, evalset.classnames, templates, device, cache_dir, state,
+            opts.texts_per_batch, console)
+        payload = classify_shard(loader, total, encoders, classifier, device, console, main)
+    else:
+        payload = retrieval_shard(loader, total, encoders, teacher, evalset.captions, device,
+                                   opts.texts_per_batch, console, main)
+    parts = gather_object([payload])
+    errors = [p["error"] for p in parts if p["error"]]
+    if errors:
+        raise UtaUsageError(errors[0])
+    skipped = sum(p["skipped"] for p in parts)
+    loop_seconds = max(p["seconds"] for p in parts)
+    if classification:
+        results = merge_classification(parts, roles, len(evalset.classnames))
+    else:
+        results = merge_retrieval(parts, roles)
+    num = results["student"]["num_samples"]
+    if num == 0:
+        raise UtaUsageError(f"No readable images in {evalset.name}: all {skipped} were skipped "
+                            "as unreadable." if skipped else
+                            f"{evalset.name} yielded no images (empty tar shards?).")
+
+    task_name = "zeroshot_classification" if classification else "zeroshot_retrieval"
+    entries = {}
+    for e in encoders:
+        r = results[e.role]
+        if classification:
+            metrics = {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+        else:
+            metrics = {k: v for k, v in r.items() if "recall@" in k}
+        entry = {"dataset": evalset.name, "model": e.model, "pretrained": e.pretrained,
+                 "task": task_name, "metrics": metrics, "language": "en", **metrics,
+                 "num_samples": r["num_samples"], "image_size": e.view.size,
+                 "preprocess": {"size": e.view.size, "mean": list(e.view.mean),
+                                "std": list(e.view.std), "interpolation": e.view.interpolation,
+                                "resize": "shortest side, centre crop"}}
+        if not classification:
+            entry["num_texts"] = r["num_texts"]
+        entries[e.role] = entry
+    report = dict(entries["student"])
+    report.update({
+        "skipped_images": skipped,
+        "checkpoint": {"path": ckpt_dir, "step": meta.get("step"), "task": meta.get("task"),
+                       "student": meta["student"], "uta_version": meta.get("uta_version")},
+        "teacher": {k: v for k, v in ident.to_dict().items()},
+        "precision": precision, "precision_requested": opts.precision,
+        "device": device.type, "world_size": state.num_processes,
+        "versions": _versions(),
+        "timing": {"total_s": round(time.perf_counter() - t_start, 3),
+                   "eval_loop_s": round(loop_seconds, 3),
+                   "images_per_s": round((num + skipped) / max(loop_seconds, 1e-9), 2)},
+    })
+    if classification:
+        report.update({
+            "num_classes": len(evalset.classnames),
+            "classnames_source": evalset.classnames_source,
+            "templates": {"name": templates_name, "count": len(templates),
+                          "templates": templates},
+            "classifier": classifier_info,
+        })
+    if opts.teacher:
+        report["teacher_result"] = entries["teacher"]
+    per_class = {}
+    if classification:
+        per_class = {role: {"count": r["per_class_count"], "top1": r["per_class_top1"],
+                            "top5": r["per_class_top5"]} for role, r in results.items()}
+    return ZeroShotResult(report=report, task=opts.task, classnames=evalset.classnames,
+                          per_class=per_class, is_main=main)
+
+
+# --------------------------------------------------------------------------------------------
+# output
+
+
+def render_table(result: ZeroShotResult, console: Console) -> None:
+    r = result.report
+    rows = [("UTA student", r)]
+    if "teacher_result" in r:
+        rows.append(("CLIP teacher", r["teacher_result"]))
+    skipped = str(r["skipped_images"])
+    if result.task == "classification":
+        table = Table(title=f"Zero-shot classification on {escape(r['dataset'])} "
+                            f"({r['num_classes']} classes, {r['templates']['count']} templates)")
+        for col in ("model", "top-1", "top-5", "mean per-class recall", "samples", "skipped"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, e in rows:
+            table.add_row(name, f"{e['acc1']:.4f}", f"{e['acc5']:.4f}",
+                          f"{e['mean_per_class_recall']:.4f}", str(e["num_samples"]), skipped)
+        console.print(table)
+        if "teacher_result" in r and r["teacher_result"]["acc1"] > 0:
+            console.print(f"student / teacher top-1: "
+                          f"{r['acc1'] / r['teacher_result']['acc1']:.3f}", highlight=False)
+    else:
+        table = Table(title=f"Zero-shot retrieval on {escape(r['dataset'])} "
+                            f"({r['num_samples']} images, {r['num_texts']} captions)")
+        table.add_column("model")
+        for k in RECALL_KS:
+            table.add_column(f"I→T R@{k}", justify="right")
+        for k in RECALL_KS:
+            table.add_column(f"T→I R@{k}", justify="right")
+        table.add_column("skipped", justify="right")
+        table.caption = ("I→T: image-to-text (text_retrieval_recall@k), T→I: text-to-image "
+                         "(image_retrieval_recall@k), as CLIP_benchmark")
+        for name, e in rows:
+            table.add_row(name, *[f"{e[f'text_retrieval_recall@{k}']:.4f}" for k in RECALL_KS],
+                          *[f"{e[f'image_retrieval_recall@{k}']:.4f}" for k in RECALL_KS],
+                          skipped)
+        console.print(table)
+    console.print(f"[dim]{r['precision']} on {r['device']}"
+                  + (f" x {r['world_size']}" if r["world_size"] > 1 else "")
+                  + f", {r['timing']['images_per_s']:.1f} images/s"
+                  + (f", class weights {r['classifier']['cache']}" if "classifier" in r else "")
+                  + "[/dim]", highlight=False)
+
+
+def _parent_dir(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+
+
+def write_json(result: ZeroShotResult, path: str) -> None:
+    _parent_dir(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result.report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_per_class_csv(result: ZeroShotResult, path: str) -> None:
+    """class_index, classname, num_samples, then <role>_top1_correct, <role>_recall (top-1)
+    and <role>_top5_correct per model. Recall is empty for a class without samples."""
+    if result.task != "classification":
+        raise UtaUsageError("--per-class applies to --task classification.")
+    _parent_dir(path)
+    roles = list(result.per_class)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class_index", "classname", "num_samples",
+                    *[f"{r}_{c}" for r in roles for c in ("top1_correct", "recall",
+                                                          "top5_correct")]])
+        count = result.per_class[roles[0]]["count"]
+        for i, name in enumerate(result.classnames):
+            row = [i, name, count[i]]
+            for r in roles:
+                top1 = result.per_class[r]["top1"][i]
+                row += [top1, f"{top1 / count[i]:.6f}" if count[i] else "",
+                        result.per_class[r]["top5"][i]]
+            w.writerow(row)
