@@ -121,6 +121,7 @@ class ZeroShotOptions:
     precision: str = "auto"
     cache_dir: str = ""  # "" = <uta cache>/classifiers; "none" = never cache
     texts_per_batch: int = 1024
+    ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
 
 
 def check_options(opts: ZeroShotOptions) -> None:
@@ -500,20 +501,27 @@ def eval_view(name: str, size: int, mean, std, interpolation: str) -> View:
 
 
 def student_label(meta: dict) -> str:
+    if meta.get("release"):  # a released UTA file: its published name
+        return meta["release"]["name"]
     s = meta["student"]
     return (f"uta-{s.get('family', 'vit')}-w{s.get('width')}-d{s.get('depth')}-"
             f"p{s.get('patch_size')}-{s.get('image_size')}px")
 
 
 def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_teacher: bool,
-                   teacher_weights: str = "") -> tuple[list[Encoder], CLIPTeacher, dict]:
+                   teacher_weights: str = "", ckpt_format: str = "auto"
+                   ) -> tuple[list[Encoder], CLIPTeacher, dict]:
     """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
-    plus the verified teacher whose text tower scores both."""
+    plus the verified teacher whose text tower scores both. A released UTA file brings its own
+    text tower, which takes the teacher's place."""
     from uta_cli.models.student import student_from_checkpoint
     from uta_cli.models.teacher import teacher_from_meta
 
-    student, meta = student_from_checkpoint(ckpt_dir)
-    teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
+    student, meta = student_from_checkpoint(ckpt_dir, ckpt_format)
+    if "release_text" in meta:
+        teacher = meta.pop("release_text").to(device, precision)
+    else:
+        teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
     ident = teacher.identity
     sp = meta.get("student_preprocess") or {}
     student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
@@ -759,8 +767,17 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     check_options(opts)
     console = console or Console()
     # Inputs are checked before any model is built, so mistakes come back in a second.
-    ckpt_dir = ckpt.resolve_checkpoint(opts.ckpt)
-    meta = ckpt.load_meta(ckpt_dir)
+    from uta_cli.models import release
+
+    if release.resolve_format(opts.ckpt, opts.ckpt_format) == "uta-release":
+        if opts.teacher or opts.teacher_weights:
+            raise UtaUsageError("A released UTA file has no separate CLIP teacher: its own text "
+                                "tower scores it. Drop --teacher / --teacher-weights.")
+        ckpt_dir = opts.ckpt
+        meta = release.read_release(opts.ckpt)[2]  # strict validation, no model built yet
+    else:
+        ckpt_dir = ckpt.resolve_checkpoint(opts.ckpt)
+        meta = ckpt.load_meta(ckpt_dir)
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{ckpt_dir} is a '{meta.get('task')}' checkpoint, not a UTA "
                             "student: uta zeroshot evaluates pre-training checkpoints.")
@@ -774,7 +791,7 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     say = console.print if main else (lambda *a, **k: None)
     precision = resolve_precision(opts.precision, device)
     encoders, teacher, meta = build_encoders(ckpt_dir, device, precision, opts.teacher,
-                                             opts.teacher_weights)
+                                             opts.teacher_weights, opts.ckpt_format)
     ident = teacher.identity
     roles = [e.role for e in encoders]
     transform = EvalTransform([e.view for e in encoders])

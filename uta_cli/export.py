@@ -105,6 +105,7 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     teacher_weights: str = ""
+    ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
 
 
 @dataclass
@@ -325,8 +326,10 @@ def metadata_path(fmt: str, output: str) -> str | None:
 
 # -- metadata --------------------------------------------------------------------------------------
 def checkpoint_hash(folder: str) -> str:
+    """SHA-256 of the checkpoint's weights (the file itself for a released UTA file)."""
     h = hashlib.sha256()
-    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+    path = folder if os.path.isfile(folder) else os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
@@ -703,10 +706,12 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
 
     from uta_cli.models.student import student_from_checkpoint
 
-    student, meta = student_from_checkpoint(opts.ckpt)
+    student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format)
     student.requires_grad_(False)
     teacher = classifier = None
-    if kind == "classifier" or fmt == "open-clip":
+    if "release_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
+        teacher = meta.pop("release_text")
+    elif kind == "classifier" or fmt == "open-clip":
         from uta_cli.models.teacher import teacher_from_meta
 
         teacher = teacher_from_meta(meta, opts.teacher_weights or _local_teacher_dir(meta))

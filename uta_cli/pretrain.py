@@ -99,7 +99,14 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     teacher = load_teacher(teacher_model, teacher_weights)
     set_seed(recipe.seed)  # the same initial student on every rank
     student = UTAStudent(recipe.student, teacher.embed_dim)
-    if recipe.student.init:
+    if recipe.student.init and os.path.isfile(recipe.student.init):
+        # a released UTA file (uta_*.pt): its vision tower, if the student config matches it
+        from uta_cli.models.release import student_init_state
+
+        student.load_state_dict(student_init_state(recipe.student.init, recipe.student,
+                                                   teacher.embed_dim))
+        say(f"student initialised from the released UTA file {recipe.student.init}")
+    elif recipe.student.init:
         student.load_state_dict(ckpt.load_weights(ckpt.resolve_checkpoint(recipe.student.init)))
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     say(f"[dim]grid: {grid_note}[/dim]")

@@ -10,8 +10,12 @@ from uta_cli.errors import UtaUsageError
 
 
 def export(
-    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*) or a "
-                             "run directory (its newest checkpoint)."),
+    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*), a "
+                             "run directory (its newest checkpoint), or a released UTA file "
+                             "(uta_base_p16_224.pt, ...)."),
+    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto (a file is a released "
+                                    "UTA checkpoint, a folder a uta checkpoint), uta or "
+                                    "uta-release."),
     format_: str = typer.Option(..., "--format", help="onnx | torchscript | pt2 | open-clip."),
     output: str = typer.Option(..., "--output", help="The file to write (a folder for "
                                "open-clip)."),
@@ -69,7 +73,7 @@ def export(
         opts = ExportOptions(ckpt=ckpt, format=format_, output=output, output_kind=output_kind,
                              classnames=classnames, templates=templates, opset=opset, atol=atol,
                              min_cosine=min_cosine, verify=not no_verify, force=force,
-                             teacher_weights=teacher_weights)
+                             teacher_weights=teacher_weights, ckpt_format=ckpt_format)
         try:
             export_checkpoint(opts, say=typer.echo)
         except UtaUsageError as e:

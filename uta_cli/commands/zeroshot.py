@@ -8,8 +8,12 @@ from uta_cli.commands._common import cli_errors, quiet_libraries
 
 
 def zeroshot(
-    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*) or a "
-                             "run directory (its newest complete checkpoint)."),
+    ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*), a "
+                             "run directory (its newest complete checkpoint), or a released "
+                             "UTA file (uta_base_p16_224.pt, ...)."),
+    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto (a file is a released "
+                                    "UTA checkpoint, a folder a uta checkpoint), uta or "
+                                    "uta-release."),
     dataset: str = typer.Option(..., "--dataset", help="imagenet (with --data-dir), demo, a "
                                 "class folder (path or fsspec URL), tar shards "
                                 "(data/val-{000..009}.tar, with --classnames), or for "
@@ -60,6 +64,8 @@ def zeroshot(
 
       uta zeroshot --ckpt runs/b16/checkpoints/step_00100000 --dataset s3://bkt/flowers/val
 
+      uta zeroshot --ckpt uta_base_p16_224.pt --dataset imagenet --data-dir /in1k
+
       uta zeroshot --ckpt runs/b16 --dataset 'val-{000..063}.tar' --classnames names.txt
 
       uta zeroshot --ckpt runs/b16 --task retrieval --dataset coco/caps.json --output-json r.json
@@ -85,7 +91,7 @@ def zeroshot(
             ckpt=ckpt, dataset=dataset, data_dir=data_dir, classnames=classnames,
             templates=templates, task=task, teacher=teacher, teacher_weights=teacher_weights,
             batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
-            precision=precision, cache_dir=cache_dir)
+            precision=precision, cache_dir=cache_dir, ckpt_format=ckpt_format)
         from rich.console import Console
 
         console = Console()

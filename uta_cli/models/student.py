@@ -91,11 +91,19 @@ class UTAStudent(nn.Module):
         return self.forward(images)[:, 0]
 
 
-def student_from_checkpoint(ckpt_dir: str) -> tuple[UTAStudent, dict]:
-    """Rebuild the student of a uta checkpoint folder (or run directory) with its weights."""
+def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto") -> tuple[UTAStudent, dict]:
+    """Rebuild the student of a uta checkpoint folder (or run directory) with its weights.
+
+    A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
+    meta then carries `release_text`, the release's own text tower (a ReleaseTextTower).
+    """
     from uta_cli import checkpoint as ckpt
     from uta_cli.errors import UtaUsageError
+    from uta_cli.models import release
 
+    if release.resolve_format(ckpt_dir, fmt) == "uta-release":
+        rel = release.load_release(ckpt_dir)
+        return rel.student, dict(rel.meta, release_text=rel.text_tower)
     folder = ckpt.resolve_checkpoint(ckpt_dir)
     meta = ckpt.load_meta(folder)
     if "student" not in meta or "embed_dim" not in meta:

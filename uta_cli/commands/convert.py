@@ -1,0 +1,38 @@
+"""`uta convert`: a released UTA checkpoint as a uta checkpoint folder plus an open_clip folder."""
+
+from __future__ import annotations
+
+import typer
+
+from uta_cli.commands._common import cli_errors, quiet_libraries
+
+
+def convert(
+    source: str = typer.Argument(..., help="The released file, e.g. uta_base_p16_224.pt."),
+    from_: str = typer.Option(..., "--from", help="The input format: uta-release."),
+    output: str = typer.Option(..., "--output", help="The uta checkpoint folder to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Convert the authors' released checkpoints into uta's own checkpoint format.
+
+    Writes OUTPUT/model.safetensors + meta.json (a uta checkpoint: uta zeroshot, export,
+    finetune and pretrain's student.init take it), OUTPUT/text_tower.safetensors (the released
+    text tower) and OUTPUT/open_clip/, an open_clip folder that loads with
+    open_clip.create_model_and_transforms("local-dir:OUTPUT/open_clip") (it names its timm tower
+    by absolute path: convert again after moving it). Both are loaded back and checked against
+    the release. The load is strict: any unexpected or missing key is an error.
+
+    Example:
+
+      uta convert --from uta-release uta_base_p16_224.pt --output ckpts/uta-b16
+    """
+    quiet_libraries()
+    with cli_errors():
+        from uta_cli.errors import UtaUsageError
+
+        if from_ != "uta-release":
+            raise UtaUsageError(f"--from {from_!r} is not supported; the only input format is "
+                                f"uta-release (the authors' uta_*.pt files).")
+        from uta_cli.models.release import convert_release
+
+        convert_release(source, output, force=force, say=typer.echo)
