@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from uta_cli import __version__
-from uta_cli.commands import convert, export, inspect_mask, pretrain, zeroshot
+from uta_cli.commands import convert, export, finetune, inspect_mask, pretrain, zeroshot
 
 app = typer.Typer(
     name="uta",
@@ -35,6 +35,7 @@ app.command("pretrain")(pretrain.pretrain)
 app.command("inspect-mask")(inspect_mask.inspect_mask)
 app.command("zeroshot")(zeroshot.zeroshot)
 app.command("export")(export.export)
+app.command("finetune")(finetune.finetune)
 app.command("convert")(convert.convert)
 
 

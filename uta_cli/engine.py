@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterable, Iterator
@@ -57,6 +58,11 @@ class Task(Protocol):
     def validate(self, model: nn.Module) -> dict[str, float]: ...  # {} when there is nothing
     def checkpoint_meta(self) -> dict: ...
 
+    # Optional, looked up with getattr (a task without them behaves as before):
+    #   after_optimizer_step(model, step)  the unwrapped model after each optimizer step (EMA)
+    #   save_extra(folder) / load_extra(folder)  state beside the weights (EMA weights), written
+    #       into every checkpoint by the main process and read back on resume
+
 
 @dataclass
 class EngineConfig:
@@ -78,6 +84,11 @@ class EngineConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     val_every: int = 0
+    val_at_start: bool = False  # also validate before the first step of a fresh run
+    # Keep the checkpoint with the best value of this validation metric in checkpoints/best/
+    # (written atomically; `latest` is not moved). "" = keep none.
+    best_metric: str = ""
+    best_mode: str = "max"  # or "min"
     recipe: dict = field(default_factory=dict)  # saved into every checkpoint's meta.json
 
 
@@ -153,6 +164,7 @@ class Engine:
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self._stop_requested = False
+        self.best: dict | None = None  # {"metric", "value", "step"} of checkpoints/best
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
@@ -189,15 +201,57 @@ class Engine:
             if acc.scaler is not None:
                 state["grad_scaler"] = acc.scaler.state_dict()
             torch.save(state, os.path.join(tmp, "training_state.pt"))
-            meta = {"uta_version": __version__, "step": step, "epoch": epoch, "task": task.name,
-                    "recipe": self.cfg.recipe, **task.checkpoint_meta()}
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump(meta, f, indent=1)
+            self._write_meta_and_extra(task, tmp, step, epoch)
         acc.wait_for_everyone()
         if acc.is_main_process:
             final = ckpt.commit(self.ckpt_root, tmp, step, self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+    def _write_meta_and_extra(self, task: Task, folder: str, step: int, epoch: int,
+                              **extra_meta: Any) -> None:
+        meta = {"uta_version": __version__, "step": step, "epoch": epoch, "task": task.name,
+                "recipe": self.cfg.recipe, **task.checkpoint_meta(), **extra_meta}
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        save_extra = getattr(task, "save_extra", None)
+        if save_extra is not None:
+            save_extra(folder)
+
+    @property
+    def best_dir(self) -> str:
+        return os.path.join(self.ckpt_root, "best")
+
+    def _load_best(self) -> dict | None:
+        """The recorded best of this run directory (a resumed run keeps competing with it)."""
+        for folder in (self.best_dir, self.best_dir + ".old"):  # .old: a swap cut short
+            if os.path.isfile(os.path.join(folder, "meta.json")):
+                best = ckpt.load_meta(folder).get("best")
+                if best and best.get("metric") == self.cfg.best_metric:
+                    return best
+        return None
+
+    def _save_best(self, task: Task, model: nn.Module, step: int, epoch: int,
+                   value: float) -> None:
+        """Main process only: weights, extra state and meta (no optimizer state: the best
+        checkpoint is for evaluation and export, resuming uses the step-named ones)."""
+        self.best = {"metric": self.cfg.best_metric, "value": value, "step": step}
+        os.makedirs(self.ckpt_root, exist_ok=True)
+        tmp = os.path.join(self.ckpt_root, ".best.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        ckpt.write_weights(tmp, self.acc.unwrap_model(model).state_dict())
+        self._write_meta_and_extra(task, tmp, step, epoch, best=self.best)
+        # Directories cannot be replaced in one rename: move the old one aside first, so that
+        # some complete best checkpoint exists at every moment (_load_best reads either).
+        old = self.best_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(self.best_dir):
+            os.replace(self.best_dir, old)
+        os.replace(tmp, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        self.log_metrics({"event": "best", "step": step, "epoch": epoch,
+                          self.cfg.best_metric: value})
 
     def _resume_from(self, resume: str) -> str | None:
         if resume == "never":
@@ -246,6 +300,13 @@ class Engine:
         elif acc.is_main_process and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run starts a fresh log
         task.setup(acc)
+        if source is not None and getattr(task, "load_extra", None) is not None:
+            task.load_extra(source)
+        if cfg.best_metric and acc.is_main_process:
+            if source is not None:
+                self.best = self._load_best()
+            else:  # a fresh run competes with itself only, as it starts a fresh log
+                shutil.rmtree(self.best_dir, ignore_errors=True)
         model.train()
 
         progress = _Progress(acc.is_main_process, total, start_step, label)
@@ -263,10 +324,18 @@ class Engine:
         data_wait = 0.0
         t_window = time.perf_counter()
         last_saved = start_step if source is not None else -1
+        after_step = getattr(task, "after_optimizer_step", None)
         try:
+            if cfg.val_at_start and start_step == 0:
+                self._validate(task, model, 0, steps_per_epoch, progress)
             while step < total:
+                # A DataLoader iterator draws its base seed from the global generator. A resumed
+                # run creates one mid-epoch where an uninterrupted run did not, so keep that draw
+                # off the global stream: dropout and drop path then continue identically.
+                cpu_rng = torch.get_rng_state()
                 batches: Iterator[dict] = iter(task.train_batches(
                     epoch, (step - epoch * steps_per_epoch) * cfg.grad_accum))
+                torch.set_rng_state(cpu_rng)
                 exhausted = False
                 while step < total and step < (epoch + 1) * steps_per_epoch:
                     for param_group in optimizer.param_groups:
@@ -300,6 +369,8 @@ class Engine:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    if after_step is not None:
+                        after_step(acc.unwrap_model(model), step)
 
                     stop = self._stop_requested
                     if world > 1:
@@ -351,7 +422,7 @@ class Engine:
                           "rank_weights": [d["weights"] for d in digests],
                           "rank_samples_digest": [d["samples_digest"] for d in digests]})
         return {"step": step, "model": acc.unwrap_model(model), "val": val,
-                "checkpoint": ckpt.latest_checkpoint(self.run_dir)}
+                "checkpoint": ckpt.latest_checkpoint(self.run_dir), "best": self.best}
 
     def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
                   progress: _Progress) -> dict[str, float]:
@@ -363,6 +434,12 @@ class Engine:
                                   "epoch": round(step / steps_per_epoch, 4), **result})
                 progress.print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in
                                                          result.items()))
+            metric = self.cfg.best_metric
+            if metric and metric in result:
+                value = float(result[metric])
+                best = self.best["value"] if self.best else None
+                if best is None or (value > best if self.cfg.best_mode == "max" else value < best):
+                    self._save_best(task, model, step, step // steps_per_epoch, value)
         self.acc.wait_for_everyone()
         return result
 

@@ -129,9 +129,55 @@ class DemoConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`uta finetune` (task: classification or contrastive); `uta pretrain` ignores it.
+
+    Hyper-parameter defaults are neutral (every regulariser off); the shipped recipes set the
+    EVA-02 template values (UTA-METHOD.md §6). Validation reads data.val_source (the held-out
+    demo images for the demo), limited to data.val_samples images (0 = all of them).
+    """
+
+    # Weights for a `timm:NAME` or `open_clip:MODEL` init: a local file (or an open_clip folder),
+    # or empty for the hub's default weights (needs network).
+    init_weights: str = ""
+    # Classes: 0 = from the data (class folders, the demo); tar shards need it set.
+    num_classes: int = 0
+    # Class names (zero-shot head, zero-shot validation): "" = class folder names (underscores as
+    # spaces) or the demo's; "imagenet" = open_clip's ImageNet-1k names; or a file, one per line.
+    classnames: str = ""
+    # Prompt templates: "openai" (80), "simple", a file (one per line, with {c}); the demo data
+    # always uses its own.
+    templates: str = "openai"
+    # Initialise the classifier from the teacher's text embeddings of the class names (in the
+    # joint space), so that training starts at the zero-shot accuracy instead of chance.
+    zeroshot_head: bool = False
+    layer_decay: float = 1.0  # lr of layer i: decay^(depth + 1 - i); 1 = off
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha (timm Mixup); 0 = off
+    cutmix: float = 0.0  # cutmix alpha; 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    randaugment: str = ""  # a timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1"; "" = off
+    ema_decay: float = 0.0  # model EMA (timm ModelEmaV3), evaluated beside the live model; 0 = off
+    ema_warmup: bool = False  # timm's EMA decay warm-up (for short runs)
+    val_at_start: bool = True  # evaluate before the first step (the zero-shot head's start)
+    # The validation metric whose best value is kept in checkpoints/best/: "auto" (val_ema_acc1
+    # with EMA, else val_acc1; val_zeroshot_acc1 for contrastive), a metric name, or "" = none.
+    best_metric: str = "auto"
+    # Contrastive tuning: keep the teacher's text tower frozen (LiT-style) or tune it too.
+    text_locked: bool = False
+
+
+@dataclass
 class Recipe:
     name: str = "unnamed"
     seed: int = 0
+    # What `uta finetune` trains; `uta pretrain` runs "pretrain" recipes.
+    task: Literal["pretrain", "classification", "contrastive"] = "pretrain"
+    # The starting model of `uta finetune`: a UTA checkpoint or run directory (pre-training or
+    # contrastive tuning), `timm:NAME` or `open_clip:MODEL` (weights from finetune.init_weights);
+    # empty = random init from the student section.
+    init: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -141,6 +187,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,22 @@
-"""Image-text contrastive training of an open_clip CLIP with open_clip's ClipLoss.
+"""Image-text contrastive training with open_clip's ClipLoss: one task for two uses.
 
-Used to build the demo teacher; `uta finetune` (task: contrastive) reuses it. Features are
-gathered across processes (with gradients) when distributed.
+- The demo teacher (`uta_cli.demo`): an open_clip CLIP trained from scratch on the demo captions.
+- Contrastive tuning (`uta finetune`, task: contrastive): the UTA student as the image tower of a
+  copy of its teacher's CLIP, with the teacher's text tower tuned or locked (UTA-METHOD.md §6).
+  `uta_clip` builds that model; `tuned_clip_from_checkpoint` reads its checkpoints back.
+
+Features are gathered across processes with gradients (open_clip's ClipLoss), so N processes
+compute the loss of the global batch. The learned logit scale is clamped at 100, as open_clip.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -17,13 +24,87 @@ from torch import nn
 from uta_cli.data import Source, View, normalize
 from uta_cli.tasks.common import decay_groups
 
+# Checkpoint layout of contrastive tuning (meta.json "weights_layout"): in model.safetensors the
+# student's own keys (those of UTAStudent) sit under STUDENT_PREFIX; every key outside "visual."
+# belongs to the CLIP's text side (token embedding, transformer, ln_final, text_projection,
+# logit_scale, or "text." for open_clip's CustomTextCLIP).
+STUDENT_PREFIX = "visual.student."
+
+
+class StudentImageTower(nn.Module):
+    """The UTA student as an open_clip image tower: images -> CLS embedding in the joint space."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.encode_image(images)
+
+
+def uta_clip(clip: nn.Module, student: nn.Module, text_locked: bool) -> nn.Module:
+    """A copy of `clip` (the teacher's) with the student as its image tower.
+
+    The teacher's own image tower is not copied. Locked: the text tower is frozen (LiT-style)
+    and only the student and the logit scale train.
+    """
+    teacher_visual = clip.visual
+    clip.visual = nn.Identity()  # keep the (possibly large) teacher image tower out of the copy
+    try:
+        model = copy.deepcopy(clip)
+    finally:
+        clip.visual = teacher_visual
+    model.visual = StudentImageTower(student)
+    model.train().requires_grad_(True)
+    if text_locked:
+        model.lock_text_tower()  # open_clip's own: embeddings, transformer, ln_final, projection
+    return model
+
+
+def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text side of a contrastive checkpoint's weights (everything outside `visual.`)."""
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
+
+
+def student_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UTAStudent weights of a contrastive checkpoint (prefix removed)."""
+    return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
+    """(student, teacher, meta) of a contrastive-tuning checkpoint (file or run directory): the
+    UTA student, and the verified teacher whose CLIP now carries the TUNED text tower and logit
+    scale, so zero-shot classification uses the text side that was trained with the student."""
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.errors import UtaUsageError
+    from uta_cli.models.student import UTAStudent
+    from uta_cli.models.teacher import teacher_from_meta
+    from uta_cli.recipe import StudentConfig
+
+    folder = ckpt.resolve_checkpoint(ckpt_dir)
+    meta = ckpt.load_meta(folder)
+    if "text_tower" not in meta:
+        raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint without a tuned text "
+                            f"tower (not a contrastive-tuning checkpoint).")
+    state = ckpt.load_weights(folder)
+    student = UTAStudent(StudentConfig(**meta["student"]), int(meta["embed_dim"]))
+    student.load_state_dict(student_state_dict(state))
+    teacher = teacher_from_meta(meta, teacher_weights)
+    missing, unexpected = teacher.clip.load_state_dict(text_state_dict(state), strict=False)
+    missing = [k for k in missing if not k.startswith("visual.")]
+    if missing or unexpected:
+        raise UtaUsageError(f"The text tower in {folder} does not fit the teacher's CLIP "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    teacher.clip.eval().requires_grad_(False)
+    meta["checkpoint_dir"] = folder
+    return student.eval(), teacher, meta
+
 
 class ContrastiveTask:
-    name = "clip-contrastive"
-
     def __init__(self, clip: nn.Module, tokenizer, source: Source, image_view: View,
                  validate_fn: Callable[[nn.Module], dict] | None = None,
-                 meta: dict | None = None):
+                 meta: dict | None = None, name: str = "clip-contrastive"):
+        self.name = name  # "clip-contrastive" (demo teacher) or "uta-contrastive" (tuning)
         self.model = clip
         self.tokenizer = tokenizer
         self.source = source
@@ -31,11 +112,13 @@ class ContrastiveTask:
         self.validate_fn = validate_fn
         self.meta = meta or {}
         self.device = torch.device("cpu")
+        self.world = 1
         self.loss: ClipLoss | None = None
         self._tokens: dict[str, torch.Tensor] = {}  # captions repeat; tokenise each once
 
     def setup(self, accelerator: Accelerator) -> None:
         self.device = accelerator.device
+        self.world = accelerator.num_processes
         self.loss = ClipLoss(local_loss=False, gather_with_grad=True, cache_labels=True,
                              rank=accelerator.process_index, world_size=accelerator.num_processes)
 
@@ -48,12 +131,34 @@ class ContrastiveTask:
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
+    def _pairs(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
+        """Images and captions of the usable pairs. Samples without a caption are dropped, and
+        with several processes every rank keeps the smallest rank's count, because the features
+        are all-gathered (equal shapes) and each pair must stay matched."""
+        if self.image_view.name not in batch:
+            images, captions = None, []
+        else:
+            images, captions = batch[self.image_view.name], list(batch["caption"])
+            keep = [i for i, c in enumerate(captions) if c]
+            if len(keep) < len(captions):
+                images, captions = images[keep], [captions[i] for i in keep]
+        n = len(captions)
+        if self.world > 1:
+            count = torch.tensor([n], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            n = int(count.item())
+        if images is None or n == 0:
+            return torch.zeros(0), []
+        return images[:n], captions[:n]
+
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         with torch.no_grad():  # as open_clip's trainer: temperature capped at 100
             self.model.logit_scale.clamp_(0, math.log(100))
-        images = normalize(batch[self.image_view.name].to(self.device, non_blocking=True),
-                           self.image_view)
-        text = self.tokenize(list(batch["caption"])).to(self.device, non_blocking=True)
+        images, captions = self._pairs(batch)
+        if not captions:  # nothing usable anywhere: a zero loss that still reaches every param
+            return {"loss": sum(p.sum() for p in model.parameters()) * 0.0}
+        images = normalize(images.to(self.device, non_blocking=True), self.image_view)
+        text = self.tokenize(captions).to(self.device, non_blocking=True)
         image_features, text_features, logit_scale = model(images, text)[:3]
         loss = self.loss(image_features, text_features, logit_scale)
         return {"loss": loss, "logit_scale": logit_scale.detach()}

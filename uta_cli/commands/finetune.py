@@ -1,0 +1,47 @@
+"""`uta finetune`: classification fine-tuning or image-text contrastive tuning of a UTA ViT."""
+
+from __future__ import annotations
+
+import typer
+
+from uta_cli.commands._common import cli_errors, quiet_libraries
+
+
+def finetune(
+    recipe: str = typer.Argument(..., help="A built-in recipe name (finetune_demo, "
+                                 "contrastive_demo, finetune_vitb16_in1k, contrastive_vitb16) or "
+                                 "a YAML path/URL with task: classification or contrastive."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, typed: "
+                                   "--set finetune.layer_decay=0.75 (repeatable)."),
+    output_dir: str = typer.Option("", "--output-dir", help="Run directory "
+                                   "(default: train.output_dir, else runs/<recipe name>)."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest "
+                               "complete checkpoint in the run directory; never; or a path."),
+) -> None:
+    """Fine-tune a UTA ViT: classification or contrastive tuning, as the recipe's task says.
+
+    It starts from the recipe's init: a UTA run directory or checkpoint, timm:NAME, open_clip:MODEL.
+
+    Validation every train.val_every steps; the best checkpoint is kept in RUN/checkpoints/best.
+
+    Examples:
+
+      uta pretrain && uta finetune finetune_demo            # the offline demo, CPU, minutes
+
+      uta finetune finetune_demo --set init= --output-dir runs/scratch    # from random init
+
+      uta finetune contrastive_demo --set finetune.text_locked=true
+
+      uta finetune finetune_vitb16_in1k --set init=runs/b16 --set data.source=/in1k/train ...
+
+      accelerate launch --multi_gpu --num_processes 8 -m uta_cli finetune finetune_vitb16_in1k ...
+    """
+    quiet_libraries()
+    with cli_errors():
+        from uta_cli.recipe import load_recipe
+
+        loaded = load_recipe(recipe, set_)  # bad recipes fail here, before torch is imported
+        from uta_cli.finetune import check_recipe, run_finetune
+
+        check_recipe(loaded)
+        run_finetune(loaded, output_dir=output_dir, resume=resume)

@@ -1,0 +1,709 @@
+"""`uta finetune` end to end: recipe -> starting model, data -> task -> the one engine -> report.
+
+Two tasks, chosen by the recipe's `task` (UTA-METHOD.md §6):
+- classification: a backbone (a UTA student, a timm model or an open_clip image tower) with a
+  linear head, or a head initialised from the teacher's text embeddings of the class names
+  (`finetune.zeroshot_head`), so that training starts at the zero-shot accuracy;
+- contrastive: the UTA student as the image tower of its teacher's CLIP, the text tower tuned or
+  locked, trained with open_clip's ClipLoss (`tasks/contrastive.py`, the demo teacher's code).
+
+`run_finetune` is what the command calls; a notebook can call it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import Subset
+
+from uta_cli import checkpoint as ckpt
+from uta_cli.data import (
+    ArrayImageDataset,
+    EvalTransform,
+    MaskCollator,
+    Source,
+    View,
+    detect_format,
+    normalize,
+    open_dataset,
+)
+from uta_cli.datasets import ImageFolderDataset, ImageFolderIndex
+from uta_cli.demo import cache_root, ensure_demo_teacher
+from uta_cli.demo_data import CLASSNAMES as DEMO_CLASSNAMES
+from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
+from uta_cli.demo_data import demo_splits
+from uta_cli.engine import Engine, make_accelerator, run_directory
+from uta_cli.errors import UtaUsageError
+from uta_cli.models.student import UTAStudent
+from uta_cli.models.teacher import CLIPTeacher, load_clip, load_teacher, teacher_from_meta
+from uta_cli.pretrain import engine_config
+from uta_cli.recipe import Recipe, StudentConfig, save_recipe
+from uta_cli.tasks.classification import (
+    ClassificationModel,
+    ClassificationTask,
+    KeyedMixup,
+    RandAugmentTrainTransform,
+    ZeroShotHead,
+    eval_loader,
+)
+from uta_cli.tasks.contrastive import (
+    STUDENT_PREFIX,
+    ContrastiveTask,
+    student_state_dict,
+    tuned_clip_from_checkpoint,
+    uta_clip,
+)
+from uta_cli.zeroshot import (
+    build_classifier,
+    classifier_cache_key,
+    evaluate,
+    load_cached_classifier,
+    read_text_lines,
+    resolve_templates,
+    save_cached_classifier,
+)
+
+TASKS = ("classification", "contrastive")
+CAPTION_FILE_SUFFIXES = (".csv", ".tsv", ".json")
+_UTA_TASKS = ("uta-alignment", "uta-contrastive")
+
+
+# ----------------------------------------------------------------------------------------------
+# checks that need no model (they run before anything heavy)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    r, f = recipe, recipe.finetune
+    if r.task not in TASKS:
+        raise UtaUsageError(f"Recipe '{r.name}' has task: {r.task}. `uta finetune` runs "
+                            f"task: classification or task: contrastive (add the line to the "
+                            f"recipe, or --set task=classification); pre-training is "
+                            f"`uta pretrain`.")
+    if r.student.init:
+        raise UtaUsageError("student.init is pre-training's warm start; `uta finetune` starts "
+                            f"from `init`. Use --set init={r.student.init} instead.")
+    if not r.data.source:
+        raise UtaUsageError(f"data.source is not set in recipe '{r.name}'. Point it at the "
+                            f"training data, e.g. --set data.source=/data/imagenet/train.")
+    if r.data.batch_size < 1 or r.train.grad_accum < 1:
+        raise UtaUsageError("data.batch_size and train.grad_accum must be at least 1.")
+    if len(r.data.crop_scale) != 2 or not 0 < r.data.crop_scale[0] <= r.data.crop_scale[1] <= 1:
+        raise UtaUsageError("data.crop_scale must be [low, high] with 0 < low <= high <= 1.")
+    if not 0 < f.layer_decay <= 1:
+        raise UtaUsageError(f"finetune.layer_decay must be in (0, 1] (1 = off; EVA-02 uses "
+                            f"0.65 for ViT-B); got {f.layer_decay}.")
+    if not 0 <= f.label_smoothing < 1:
+        raise UtaUsageError(f"finetune.label_smoothing must be in [0, 1); got "
+                            f"{f.label_smoothing}.")
+    if not 0 <= f.ema_decay < 1:
+        raise UtaUsageError(f"finetune.ema_decay must be in [0, 1) (0 = off, e.g. 0.9999); got "
+                            f"{f.ema_decay}.")
+    if f.mixup < 0 or f.cutmix < 0 or not 0 <= f.mixup_prob <= 1 or \
+            not 0 <= f.mixup_switch_prob <= 1:
+        raise UtaUsageError("finetune.mixup and finetune.cutmix are alphas >= 0 (0 = off); "
+                            "finetune.mixup_prob and mixup_switch_prob are in [0, 1].")
+    if (f.mixup > 0 or f.cutmix > 0) and r.data.batch_size % 2:
+        raise UtaUsageError(f"Mixup/CutMix mix a batch with its reverse and need an even "
+                            f"data.batch_size; got {r.data.batch_size}.")
+    if f.num_classes < 0:
+        raise UtaUsageError("finetune.num_classes must be >= 0 (0 = from the data).")
+    if r.task == "contrastive":
+        if r.init.startswith(("timm:", "open_clip:")):
+            raise UtaUsageError(
+                "Contrastive tuning trains a UTA student with its teacher's text tower: set init "
+                "to a UTA checkpoint or run directory (or leave it empty for a random student "
+                "against `teacher`), not a timm:/open_clip: model.")
+        unused = [k for k, on in (("mixup", f.mixup > 0), ("cutmix", f.cutmix > 0),
+                                  ("ema_decay", f.ema_decay > 0),
+                                  ("zeroshot_head", f.zeroshot_head),
+                                  ("label_smoothing", f.label_smoothing > 0),
+                                  ("layer_decay", f.layer_decay != 1)) if on]
+        if unused:
+            raise UtaUsageError(f"finetune.{unused[0]} is a classification setting; contrastive "
+                                f"tuning does not use it. Remove it or set task: classification.")
+
+
+# ----------------------------------------------------------------------------------------------
+# the starting model
+
+
+@dataclass
+class Start:
+    """What `init` resolved to."""
+
+    kind: str  # scratch | uta | uta-contrastive | timm | open_clip
+    location: str = ""  # checkpoint folder, timm model name, open_clip model name
+    meta: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "location": self.location, "step": self.meta.get("step")}
+
+
+def resolve_start(recipe: Recipe) -> Start:
+    init = recipe.init.strip()
+    if not init:
+        return Start("scratch")
+    if init.startswith("timm:"):
+        return Start("timm", init[len("timm:"):])
+    if init.startswith("open_clip:"):
+        return Start("open_clip", init[len("open_clip:"):])
+    if not os.path.exists(init):
+        raise UtaUsageError(
+            f"init {init!r} does not exist. Give a UTA run directory or checkpoint folder (for "
+            f"the demo: run `uta pretrain` first, it writes runs/demo), timm:MODEL or "
+            f"open_clip:MODEL, or --set init= for a random start.")
+    folder = ckpt.resolve_checkpoint(init)
+    meta = ckpt.load_meta(folder)
+    task = meta.get("task")
+    if task not in _UTA_TASKS:
+        raise UtaUsageError(
+            f"init {folder} is a '{task}' checkpoint; `uta finetune` starts from a UTA "
+            f"pre-training or contrastive-tuning checkpoint. To continue this run, use its "
+            f"--output-dir with --resume auto.")
+    return Start("uta" if task == "uta-alignment" else "uta-contrastive", folder, meta)
+
+
+def uta_student(start: Start, drop_path: float) -> UTAStudent:
+    """The student of a UTA checkpoint, rebuilt with the fine-tuning drop path."""
+    cfg = StudentConfig(**start.meta["student"])
+    cfg.drop_path = drop_path
+    cfg.init = ""
+    student = UTAStudent(cfg, int(start.meta["embed_dim"]))
+    state = ckpt.load_weights(start.location)
+    if start.kind == "uta-contrastive":
+        state = student_state_dict(state)
+    student.load_state_dict(state)
+    return student
+
+
+def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher:
+    """The CLIP whose text tower gives class embeddings (and is tuned in contrastive): the
+    checkpoint's verified teacher (with its tuned text tower after contrastive tuning), else the
+    recipe's teacher."""
+    relocated = recipe.teacher.weights if recipe.teacher.weights not in ("", "demo") else ""
+    if start.kind == "uta-contrastive":
+        return tuned_clip_from_checkpoint(start.location, relocated)[1]
+    if start.kind == "uta":
+        return teacher_from_meta(start.meta, relocated)
+    model, weights = recipe.teacher.model, recipe.teacher.weights
+    if weights == "demo":
+        model, weights = "local-dir:" + ensure_demo_teacher(recipe.demo, acc, say), ""
+    return load_teacher(model, weights)
+
+
+def student_view(name: str, start: Start, recipe: Recipe) -> View:
+    """The student's input: a UTA checkpoint's recorded preprocessing (what it was trained on),
+    else the recipe's size and normalisation."""
+    if start.kind in ("uta", "uta-contrastive"):
+        sp = start.meta.get("student_preprocess") or {}
+        return View(name, int(sp.get("size", start.meta["student"]["image_size"])),
+                    tuple(sp.get("mean", recipe.data.mean)), tuple(sp.get("std", recipe.data.std)),
+                    sp.get("interpolation", "bicubic"))
+    return View(name, recipe.student.image_size, tuple(recipe.data.mean),
+                tuple(recipe.data.std))
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class DataSpec:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None
+    classnames: list[str] | None  # None when only integer labels are known
+    num_classes: int
+    templates: list[str]
+    kind: str  # demo | folder | tar | captions
+
+
+def _classnames(recipe: Recipe, found: list[str] | None) -> list[str] | None:
+    spec = recipe.finetune.classnames
+    if spec == "imagenet":
+        from open_clip import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if spec:
+        return read_text_lines(spec, "class names")
+    return found
+
+
+def _templates(recipe: Recipe, kind: str) -> list[str]:
+    if kind == "demo":
+        return list(DEMO_TEMPLATES)
+    return resolve_templates(recipe.finetune.templates)[1]
+
+
+def _subset(dataset, limit: int):
+    """The first `limit` samples of a map-style dataset (limit <= 0: all of it)."""
+    if limit > 0 and not isinstance(dataset, torch.utils.data.IterableDataset) and \
+            len(dataset) > limit:
+        return Subset(dataset, range(limit))
+    return dataset
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Images listed in a CSV/TSV/JSON with their captions (one sample per image; with several
+    captions, one is drawn per epoch, keyed by (seed, epoch, image) as the crop is)."""
+
+    def __init__(self, index: ImageFolderIndex, captions: list[list[str]], transform,
+                 seed: int):
+        self.images = ImageFolderDataset(index, transform)
+        self.captions, self.transform, self.seed = captions, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.images[i]
+        if item is None:
+            return None
+        caps = self.captions[i]
+        pick = 0 if len(caps) == 1 else random.Random(
+            f"caption/{self.seed}/{self.transform.epoch}/{i}").randrange(len(caps))
+        item["caption"] = caps[pick]
+        return item
+
+
+def open_caption_file(url: str, transform, seed: int) -> CaptionedImages:
+    """(image path, caption) pairs from a CSV/TSV/JSON (local or fsspec); image paths relative
+    to the file's folder. The format is the one `uta zeroshot --task retrieval` reads."""
+    import fsspec
+
+    from uta_cli.evaluation import parse_captions
+
+    try:
+        with fsspec.open(url, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UtaUsageError(f"Caption file {url} does not exist.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UtaUsageError(f"Cannot read the caption file {url}: {e}") from None
+    pairs = parse_captions(text, url.lower().rsplit(".", 1)[-1], url)
+    fs, path = fsspec.core.url_to_fs(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        root = os.path.dirname(os.path.abspath(path))
+        files = [os.path.normpath(os.path.join(root, img)) for img, _ in pairs]
+        missing = [p for p in files if not os.path.isfile(p)]
+        if missing:
+            raise UtaUsageError(f"{len(missing)} image(s) named in {url} do not exist (e.g. "
+                                f"{missing[0]}); paths are taken relative to {root}.")
+    else:
+        root = url.rsplit("/", 1)[0]
+        files = [img if "://" in img else f"{root}/{img.lstrip('/')}" for img, _ in pairs]
+    index = ImageFolderIndex(root=root, files=files, labels=[-1] * len(files), classes=[])
+    return CaptionedImages(index, [caps for _, caps in pairs], transform, seed)
+
+
+def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSpec:
+    d, f = recipe.data, recipe.finetune
+    source = d.source
+    if source.lower().endswith(CAPTION_FILE_SUFFIXES):
+        kind = "captions"
+    else:
+        kind = detect_format(source, d.format)
+    if recipe.task == "classification" and kind == "captions":
+        raise UtaUsageError(f"{source} is a caption file; classification needs labelled images: "
+                            f"class folders, tar shards with .cls, or the demo.")
+    if recipe.task == "contrastive" and kind == "folder":
+        raise UtaUsageError(f"{source} is an image folder without captions. Contrastive tuning "
+                            f"reads image-caption pairs: tar shards (.jpg + .txt), a CSV/TSV/JSON "
+                            f"of image paths and captions, or the demo.")
+    val = None
+    if kind == "demo":
+        train_split, val_split = demo_splits(recipe.demo.train_images, recipe.demo.val_images,
+                                             recipe.demo.data_seed)
+        train = ArrayImageDataset(train_split.images, train_split.labels, train_tf,
+                                  train_split.captions)
+        val = ArrayImageDataset(val_split.images, val_split.labels, val_tf)
+        found: list[str] | None = list(DEMO_CLASSNAMES)
+    elif kind == "captions":
+        train = open_caption_file(source, train_tf, recipe.seed)
+        found = None
+    else:
+        train = open_dataset(source, kind, train_tf, rank, world, recipe.seed)
+        found = None
+        if isinstance(train, ImageFolderDataset):
+            if not train.index.classes:
+                raise UtaUsageError(f"{source} has no class sub-folders; classification needs "
+                                    f"ROOT/<class>/<image> (or tar shards with .cls labels).")
+            found = [c.replace("_", " ") for c in train.index.classes]
+    if d.val_source:
+        val = open_dataset(d.val_source, "auto", val_tf)
+        if isinstance(val, ImageFolderDataset) and isinstance(train, ImageFolderDataset) and \
+                val.index.classes != train.index.classes:
+            raise UtaUsageError(f"The class folders of data.val_source ({len(val.index.classes)})"
+                                f" differ from those of data.source "
+                                f"({len(train.index.classes)}); labels would not match.")
+        if found is None and isinstance(val, ImageFolderDataset) and val.index.classes:
+            found = [c.replace("_", " ") for c in val.index.classes]
+    classnames = _classnames(recipe, found)
+    num_classes = f.num_classes or (len(classnames) if classnames else 0)
+    if recipe.task == "classification" and num_classes < 1:
+        raise UtaUsageError("The number of classes is unknown: tar shards carry integer labels "
+                            "only. Set finetune.num_classes (and finetune.classnames to a file, "
+                            "one name per line, for the zero-shot head).")
+    if classnames is not None and f.num_classes and len(classnames) != f.num_classes:
+        raise UtaUsageError(f"finetune.num_classes is {f.num_classes} but there are "
+                            f"{len(classnames)} class names; make them agree.")
+    if val is not None:
+        val = _subset(val, d.val_samples)  # 0 = all
+    return DataSpec(train, val, classnames, num_classes, _templates(recipe, kind), kind)
+
+
+def train_source(recipe: Recipe, data: DataSpec, transform, rank: int, world: int) -> Source:
+    return Source(data.train, transform, MaskCollator(None, (1, 1), recipe.seed),
+                  recipe.data.batch_size, recipe.data.num_workers, recipe.seed, rank, world,
+                  samples_per_epoch=recipe.data.samples_per_epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# zero-shot pieces
+
+
+def class_embeddings(clip: nn.Module, tokenizer, identity, cacheable: bool,
+                     classnames: list[str], templates: list[str],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """(embed_dim, num_classes): zeroshot.py's class weights (fp32, on `device`, the text tower
+    moved there for the encoding only), through its disk cache (shared with `uta zeroshot`)
+    unless the text tower was tuned (its identity would not tell it from the original)."""
+    cache_dir = os.path.join(cache_root(), "classifiers")
+    key = classifier_cache_key(identity.to_dict(), classnames, templates, "float32")
+    if cacheable:
+        cached = load_cached_classifier(cache_dir, key, len(classnames))
+        if cached is not None:
+            return cached
+    clip.to(device)
+    weights = build_classifier(clip.encode_text, tokenizer, classnames, templates,
+                               device).cpu()
+    clip.to("cpu")
+    if cacheable:
+        save_cached_classifier(cache_dir, key, weights, {"teacher": identity.model,
+                                                         "classes": len(classnames),
+                                                         "templates": len(templates),
+                                                         "dtype": "torch.float32"})
+    return weights
+
+
+def zeroshot_accuracy(clip: nn.Module, tokenizer, classnames: list[str], templates: list[str],
+                      batches, view: View, device: torch.device, autocast) -> dict[str, float]:
+    """zeroshot.py's protocol with `clip`'s own towers (the tuned ones during tuning)."""
+    was_training = clip.training
+    clip.eval()
+    with autocast:
+        classifier = build_classifier(clip.encode_text, tokenizer, classnames, templates, device)
+        result = evaluate(clip.encode_image,
+                          ((normalize(b[view.name].to(device), view), b["label"])
+                           for b in batches if view.name in b), classifier)
+    clip.train(was_training)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the two tasks
+
+
+def _eval_batches(recipe: Recipe, data: DataSpec):
+    if data.val is None:
+        return None
+    return lambda: eval_loader(data.val, max(recipe.data.batch_size, 64),
+                               recipe.data.num_workers)
+
+
+def build_classification(recipe: Recipe, start: Start, acc, say) -> ClassificationTask:
+    f = recipe.finetune
+    set_seed(recipe.seed)  # the same initial backbone and head on every rank and every run
+    text = None  # (clip, tokenizer, identity, cacheable) giving the zero-shot head
+    teacher_identity = start.meta.get("teacher")
+    if start.kind == "timm":
+        backbone, view = _timm_backbone(recipe, start)
+        width, proj = backbone.num_features, None
+        backbone_meta = {"kind": "timm", "model": start.location,
+                         "timm_kwargs": recipe.student.timm_kwargs}
+    elif start.kind == "open_clip":
+        import open_clip
+
+        clip, identity = _open_clip_init(recipe, start, acc, say)
+        backbone, width, proj = clip.visual, identity.embed_dim, nn.Identity()
+        view = View("image", identity.image_size, tuple(identity.mean), tuple(identity.std),
+                    identity.interpolation)
+        text = (clip, open_clip.get_tokenizer(identity.model), identity, True)
+        teacher_identity = identity.to_dict()
+        backbone_meta = {"kind": "open_clip", "open_clip": identity.to_dict()}
+    else:  # a UTA student: pre-trained, contrastively tuned, or random
+        if f.zeroshot_head:
+            teacher = start_teacher(recipe, start, acc, say)
+            # cacheable: not a tuned text tower (the teacher identity, the cache key, would
+            # not tell it from the original)
+            text = (teacher.clip, teacher.tokenizer, teacher.identity,
+                    start.kind != "uta-contrastive")
+            teacher_identity = teacher.identity.to_dict()
+            set_seed(recipe.seed)  # building the demo teacher (first use) draws from it
+        if start.kind == "scratch":
+            embed_dim = text[2].embed_dim if text else recipe.student.width
+            student = UTAStudent(recipe.student, embed_dim)
+        else:
+            student = uta_student(start, recipe.student.drop_path)
+        backbone, width, proj = student.trunk, student.cfg.width, student.head
+        view = student_view("image", start, recipe)
+        backbone_meta = {"kind": "uta-student", "student": dataclasses.asdict(student.cfg),
+                         "embed_dim": student.embed_dim}
+
+    train_tf = RandAugmentTrainTransform(view, tuple(recipe.data.crop_scale), recipe.data.hflip,
+                                         recipe.seed, f.randaugment)
+    data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
+                     acc.num_processes)
+    if f.zeroshot_head:
+        if proj is None:
+            raise UtaUsageError("finetune.zeroshot_head needs a backbone with a projection into "
+                                "a CLIP joint space: init from a UTA checkpoint or open_clip:MODEL "
+                                "(a timm classifier has none).")
+        if data.classnames is None:
+            raise UtaUsageError("finetune.zeroshot_head needs class names: set "
+                                "finetune.classnames to a file (one per line, in label order) "
+                                "or 'imagenet'.")
+        say(f"[dim]zero-shot head: {len(data.classnames)} class names x {len(data.templates)} "
+            f"templates through the teacher's text tower[/dim]")
+        head: nn.Module = ZeroShotHead(proj, class_embeddings(*text, data.classnames,
+                                                               data.templates, acc.device))
+    else:
+        head = nn.Linear(width, data.num_classes)
+        nn.init.trunc_normal_(head.weight, std=2e-5)  # near-zero start, as EVA-02 / MAE
+        nn.init.zeros_(head.bias)
+    model = ClassificationModel(backbone, head).requires_grad_(True)
+    mixup = None
+    if f.mixup > 0 or f.cutmix > 0:
+        mixup = KeyedMixup(f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob,
+                           f.label_smoothing, data.num_classes, recipe.seed)
+    meta = {"backbone": backbone_meta, "num_classes": data.num_classes,
+            "classnames": data.classnames, "head": "zeroshot" if f.zeroshot_head else "linear",
+            "init": start.describe(), "teacher": teacher_identity,
+            "preprocess": {"size": view.size, "mean": list(view.mean), "std": list(view.std),
+                           "interpolation": view.interpolation}}
+    if data.val is None:
+        say("[yellow]No validation data (data.val_source): no top-1 during training and no "
+            "best checkpoint.[/yellow]")
+    return ClassificationTask(model, train_source(recipe, data, train_tf, acc.process_index,
+                                                  acc.num_processes),
+                              view, _eval_batches(recipe, data), data.num_classes,
+                              seed=recipe.seed, layer_decay=f.layer_decay,
+                              label_smoothing=f.label_smoothing, mixup=mixup,
+                              ema_decay=f.ema_decay, ema_warmup=f.ema_warmup, meta=meta)
+
+
+def _timm_backbone(recipe: Recipe, start: Start) -> tuple[nn.Module, View]:
+    import timm
+
+    weights = recipe.finetune.init_weights
+    kwargs = dict(recipe.student.timm_kwargs)
+    kwargs.setdefault("drop_path_rate", recipe.student.drop_path)
+    if weights and not os.path.isfile(weights):
+        raise UtaUsageError(f"finetune.init_weights {weights} is not a file. Give a local "
+                            f"weights file for {start.location}, or leave it empty for the "
+                            f"hub's weights (needs network).")
+    if start.location not in timm.list_models(pretrained=False) and \
+            start.location.split(".")[0] not in timm.list_models(pretrained=False):
+        raise UtaUsageError(f"timm has no model {start.location!r} (init: timm:NAME, e.g. "
+                            f"timm:vit_base_patch16_224.augreg_in21k).")
+    overlay = {"file": weights} if weights else None
+    try:
+        model = timm.create_model(start.location, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=overlay, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UtaUsageError(f"Cannot load the weights of timm model {start.location}: {e}. "
+                            f"Offline? Set finetune.init_weights to a local file.") from None
+    cfg = model.pretrained_cfg
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = size[0] if isinstance(size, (tuple, list)) else size or cfg["input_size"][-1]
+    interp = cfg.get("interpolation")
+    view = View("image", int(size), tuple(cfg.get("mean", recipe.data.mean)),
+                tuple(cfg.get("std", recipe.data.std)),
+                interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic")
+    return model, view
+
+
+def _open_clip_init(recipe: Recipe, start: Start, acc, say):
+    model, weights = start.location, recipe.finetune.init_weights
+    if model == "demo":  # the cached demo teacher's image tower
+        model, weights = "local-dir:" + ensure_demo_teacher(recipe.demo, acc, say), ""
+    clip, identity = load_clip(model, weights)
+    if recipe.student.drop_path > 0:
+        say("[yellow]open_clip image towers have no drop path; student.drop_path is "
+            "ignored.[/yellow]")
+    return clip, identity
+
+
+def build_contrastive(recipe: Recipe, start: Start, acc, say
+                      ) -> tuple[ContrastiveTask, Callable[[], dict] | None]:
+    """The task, and for the demo data a function giving the teacher's own zero-shot top-1 on
+    the same held-out images (the number contrastive tuning is measured against)."""
+    f = recipe.finetune
+    teacher = start_teacher(recipe, start, acc, say)
+    set_seed(recipe.seed)
+    if start.kind == "scratch":
+        student = UTAStudent(recipe.student, teacher.embed_dim)
+    else:
+        student = uta_student(start, recipe.student.drop_path)
+    if student.embed_dim != teacher.embed_dim:
+        raise UtaUsageError(f"The student projects to {student.embed_dim} dimensions, the "
+                            f"teacher's text tower to {teacher.embed_dim}.")
+    view = student_view("image", start, recipe)
+    model = uta_clip(teacher.clip, student, text_locked=f.text_locked)
+    train_tf = RandAugmentTrainTransform(view, tuple(recipe.data.crop_scale), recipe.data.hflip,
+                                         recipe.seed, f.randaugment)
+    data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
+                     acc.num_processes)
+    batches = _eval_batches(recipe, data)
+    validate = None
+    if batches is not None and data.classnames:
+        def validate(clip: nn.Module) -> dict:
+            r = zeroshot_accuracy(clip, teacher.tokenizer, data.classnames, data.templates,
+                                  batches(), view, acc.device, acc.autocast())
+            return {"val_zeroshot_acc1": r["acc1"], "val_zeroshot_acc5": r["acc5"]}
+    else:
+        say("[yellow]No labelled validation data with class names (data.val_source, "
+            "finetune.classnames): no zero-shot accuracy during tuning.[/yellow]")
+    ident = teacher.identity
+    meta = {"student": dataclasses.asdict(student.cfg), "embed_dim": student.embed_dim,
+            "teacher": ident.to_dict(), "teacher_input_size": teacher.image_size,
+            "student_preprocess": {"size": view.size, "mean": list(view.mean),
+                                   "std": list(view.std), "interpolation": view.interpolation},
+            "weights_layout": {"student": STUDENT_PREFIX, "text": "keys outside 'visual.'"},
+            "text_tower": {"locked": f.text_locked, "tuned": not f.text_locked,
+                           "tokenizer": ident.model, "from": start.location or "teacher"},
+            "init": start.describe()}
+    source = train_source(recipe, data, train_tf, acc.process_index, acc.num_processes)
+    task = ContrastiveTask(model, teacher.tokenizer, source, view, validate, meta,
+                           name="uta-contrastive")
+    reference = None
+    if data.kind == "demo" and validate is not None:
+        teacher_view = View("image", teacher.image_size, tuple(ident.mean), tuple(ident.std),
+                            ident.interpolation)
+        _, split = demo_splits(0, recipe.demo.val_images, recipe.demo.data_seed)
+        teacher_val = _subset(ArrayImageDataset(split.images, split.labels,
+                                                EvalTransform([teacher_view])),
+                              recipe.data.val_samples)
+
+        def reference() -> dict:
+            teacher.clip.to(acc.device)
+            r = zeroshot_accuracy(teacher.clip, teacher.tokenizer, data.classnames,
+                                  data.templates, eval_loader(teacher_val, 256, 0),
+                                  teacher_view, acc.device, contextlib.nullcontext())
+            return {"teacher_zeroshot_acc1": r["acc1"], "teacher_zeroshot_acc5": r["acc5"]}
+    return task, reference
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def describe(recipe: Recipe, start: Start) -> Table:
+    r, f = recipe, recipe.finetune
+    table = Table(title=f"recipe: {r.name} ({r.task})", show_header=False, box=None,
+                  padding=(0, 2))
+    table.add_row("init", f"{start.kind}  {start.location or ''}".rstrip())
+    table.add_row("data", f"{r.data.source}  batch={r.data.batch_size}/process  "
+                  f"val={r.data.val_source or ('demo' if r.data.source == 'demo' else 'none')}")
+    length = f"{r.schedule.steps} steps" if r.schedule.steps else f"{r.schedule.epochs} epochs"
+    table.add_row("schedule", f"{length}  lr={r.optim.lr:g}  warmup="
+                  f"{r.schedule.warmup_steps or r.schedule.warmup_epochs}")
+    if r.task == "classification":
+        table.add_row("optimiser", f"layer_decay={f.layer_decay:g}  weight_decay="
+                      f"{r.optim.weight_decay:g}")
+        table.add_row("regularise", f"drop_path={r.student.drop_path:g}  label_smoothing="
+                      f"{f.label_smoothing:g}  mixup={f.mixup:g}  cutmix={f.cutmix:g}  "
+                      f"randaugment={f.randaugment or 'off'}  ema={f.ema_decay:g}")
+        table.add_row("head", "zero-shot (teacher text embeddings)" if f.zeroshot_head
+                      else "linear")
+    else:
+        table.add_row("text tower", "locked" if f.text_locked else "tuned")
+    table.add_row("train", f"precision={r.train.precision}  accum={r.train.grad_accum}  "
+                  f"seed={r.seed}")
+    return table
+
+
+def best_metric_for(recipe: Recipe) -> str:
+    spec = recipe.finetune.best_metric
+    if spec != "auto":
+        return spec
+    if recipe.task == "contrastive":
+        return "val_zeroshot_acc1"
+    return "val_ema_acc1" if recipe.finetune.ema_decay > 0 else "val_acc1"
+
+
+def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
+                 console: Console | None = None) -> dict:
+    console = console or Console()
+    check_recipe(recipe)
+    start = resolve_start(recipe)
+    acc = make_accelerator(recipe.train.precision)
+    main = acc.is_main_process
+    say = console.print if main else (lambda *a, **k: None)
+    run_dir = run_directory(output_dir or recipe.train.output_dir, recipe.name)
+    say(describe(recipe, start))
+
+    reference = None
+    if recipe.task == "classification":
+        task = build_classification(recipe, start, acc, say)
+    else:
+        task, reference = build_contrastive(recipe, start, acc, say)
+    if main:
+        save_recipe(recipe, os.path.join(run_dir, "config.yaml"))
+    cfg = engine_config(recipe)
+    cfg.val_at_start = recipe.finetune.val_at_start
+    cfg.best_metric = best_metric_for(recipe)
+    engine = Engine(cfg, acc, run_dir)
+    label = "fine-tuning" if recipe.task == "classification" else "contrastive tuning"
+    result = engine.fit(task, resume=resume, label=label)
+    summary = {"run_dir": run_dir, "step": result["step"], "checkpoint": result["checkpoint"],
+               "val": result["val"], "best": result["best"], "start": start.describe()}
+    if main:
+        summary["first_val"] = _first_val(engine)
+        if reference is not None:
+            summary["reference"] = reference()
+            engine.log_metrics({"event": "reference", "step": result["step"],
+                                **summary["reference"]})
+        report(recipe, summary, console)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _first_val(engine: Engine) -> dict:
+    if not os.path.isfile(engine.metrics_path):
+        return {}
+    with open(engine.metrics_path) as f:
+        vals = [json.loads(line) for line in f if '"event": "val"' in line]
+    return vals[0] if vals else {}
+
+
+def report(recipe: Recipe, summary: dict, console: Console) -> None:
+    first, last = summary.get("first_val") or {}, summary.get("val") or {}
+    if not last:
+        console.print(f"Done: step {summary['step']}, checkpoint {summary['checkpoint']}")
+        return
+    keys = [k for k in last if k.endswith(("acc1", "acc5"))]
+    table = Table(title=f"{recipe.task} on held-out images")
+    table.add_column("metric")
+    table.add_column(f"step {first.get('step', 0)}", justify="right")
+    table.add_column(f"step {summary['step']}", justify="right")
+    for k in keys:
+        table.add_row(k, f"{first[k]:.4f}" if k in first else "-", f"{last[k]:.4f}")
+    for k, v in (summary.get("reference") or {}).items():
+        if k.endswith("acc1"):
+            table.add_row(f"{k} (CLIP teacher)", f"{v:.4f}", f"{v:.4f}")
+    console.print(table)
+    best = summary.get("best")
+    if best:
+        console.print(f"best {best['metric']} {best['value']:.4f} at step {best['step']}: "
+                      f"{os.path.join(summary['run_dir'], 'checkpoints', 'best')}")
