@@ -281,6 +281,13 @@ def test_tuned_checkpoint_keeps_text_tower_for_zeroshot(tuned, uta_ckpt, tmp_pat
     assert meta["weights_layout"]["student"] == "visual.student."
     zs = zeroshot_top1(student.encode_image, teacher.clip, teacher.tokenizer, meta, 32)
     assert zs["acc1"] == summary["val"]["val_zeroshot_acc1"]
+    # `uta zeroshot` on the run directory scores the student with the TUNED text tower
+    report = tmp_path / "zs.json"
+    out = subprocess.run([sys.executable, "-m", "uta_cli", "zeroshot", "--ckpt", str(run_dir),
+                          "--dataset", "demo", "--precision", "fp32", "--output-json",
+                          str(report)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(report.read_text())["metrics"]["acc1"] == pytest.approx(zs["acc1"])
     first = [r for r in metrics(run_dir) if r.get("event") == "val"][0]
     assert first["step"] == 0 and summary["val"]["val_zeroshot_acc1"] > first["val_zeroshot_acc1"]
     # the text tower moved; a locked run keeps it bit-identical and still tunes the student

@@ -518,8 +518,8 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     from uta_cli.models.teacher import teacher_from_meta
 
     student, meta = student_from_checkpoint(ckpt_dir, ckpt_format)
-    if "release_text" in meta:
-        teacher = meta.pop("release_text").to(device, precision)
+    if "bundled_text" in meta:
+        teacher = meta.pop("bundled_text").to(device, precision)
     else:
         teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
     ident = teacher.identity

@@ -709,8 +709,8 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format)
     student.requires_grad_(False)
     teacher = classifier = None
-    if "release_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
-        teacher = meta.pop("release_text")
+    if "bundled_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
+        teacher = meta.pop("bundled_text")
     elif kind == "classifier" or fmt == "open-clip":
         from uta_cli.models.teacher import teacher_from_meta
 

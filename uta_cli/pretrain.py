@@ -67,6 +67,9 @@ def describe(recipe: Recipe) -> Table:
 
 
 def check_recipe(recipe: Recipe) -> None:
+    if getattr(recipe, "task", "pretrain") != "pretrain":
+        raise UtaUsageError(f"Recipe '{recipe.name}' is a '{recipe.task}' recipe; run it with "
+                            f"`uta finetune {recipe.name}`.")
     if not recipe.data.source:
         raise UtaUsageError(f"data.source is not set in recipe '{recipe.name}'. Point it at your "
                             f"images, e.g. --set data.source=/data/imagenet/train (a folder, an "

@@ -95,7 +95,9 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto") -> tuple[UTAStuden
     """Rebuild the student of a uta checkpoint folder (or run directory) with its weights.
 
     A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
-    meta then carries `release_text`, the release's own text tower (a ReleaseTextTower).
+    meta then carries `bundled_text`, the release's own text tower (a ReleaseTextTower). A
+    contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, so
+    zero-shot and export score the student with the text side it was tuned with.
     """
     from uta_cli import checkpoint as ckpt
     from uta_cli.errors import UtaUsageError
@@ -103,9 +105,14 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto") -> tuple[UTAStuden
 
     if release.resolve_format(ckpt_dir, fmt) == "uta-release":
         rel = release.load_release(ckpt_dir)
-        return rel.student, dict(rel.meta, release_text=rel.text_tower)
+        return rel.student, dict(rel.meta, bundled_text=rel.text_tower)
     folder = ckpt.resolve_checkpoint(ckpt_dir)
     meta = ckpt.load_meta(folder)
+    if meta.get("task") == "uta-contrastive":
+        from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint
+
+        student, tuned, meta = tuned_clip_from_checkpoint(folder)
+        return student, dict(meta, bundled_text=tuned)
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
     cfg = StudentConfig(**meta["student"])
