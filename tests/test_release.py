@@ -266,7 +266,7 @@ def test_vision_and_text_forwards_equal_the_spec_equations(tiny_file):
 
 def test_meta_records_the_authors_preprocessing(tiny_file):
     _, meta = student_from_checkpoint(tiny_file)
-    assert meta["format"] == "uta-release" and "release_text" in meta
+    assert meta["format"] == "uta-release" and "bundled_text" in meta
     assert meta["task"] == "uta-alignment"  # what uta finetune accepts as a UTA start
     assert meta["student_preprocess"] == {"size": 32, "mean": R.OPENAI_MEAN,
                                           "std": R.OPENAI_STD, "interpolation": "bicubic"}
