@@ -123,7 +123,7 @@ class DemoConfig:
     train_images: int = 8000
     val_images: int = 2000
     data_seed: int = 0
-    teacher_steps: int = 700
+    teacher_steps: int = 500
     teacher_batch_size: int = 128
     teacher_lr: float = 2e-3
 
