@@ -461,3 +461,85 @@ def test_pretrain_student_init_from_a_release_file(tmp_path, tiny_clip_dir):
     assert "initialised from the released UTA file" in result.output
     bad = cli(*args[:-2], "--output-dir", tmp_path / "run2")  # no ref_feat_shape: refused
     assert bad.exit_code == 2 and "ref_feat_shape" in bad.output
+
+
+def test_finetune_takes_a_release_file(tiny_file, images, tmp_path):
+    """`init: FILE.pt` for both fine-tuning tasks. Classification with the zero-shot head starts
+    exactly at the release's zero-shot top-1 (its own text tower builds the head). Contrastive
+    tuning tunes the release's text tower; the tuned checkpoint is then scored with it, and
+    finds the release again through --teacher-weights after the file moved."""
+    import shutil
+
+    from uta_cli.finetune import run_finetune
+    from uta_cli.recipe import load_recipe
+
+    zs_args = ["--dataset", images, "--templates", "simple", "--workers", "0", "--precision",
+               "fp32", "--cache-dir", "none"]
+    assert cli("zeroshot", "--ckpt", tiny_file, *zs_args, "--output-json",
+               tmp_path / "rel.json").exit_code == 0
+    release_acc1 = json.loads((tmp_path / "rel.json").read_text())["acc1"]
+    base = {"data.source": images, "data.val_source": images, "data.batch_size": 4,
+            "data.num_workers": 0, "data.val_samples": 0, "schedule.steps": 2,
+            "schedule.warmup_steps": 1, "train.precision": "fp32", "train.val_every": 2,
+            "train.checkpoint_every": 2, "student.drop_path": 0.1,
+            "finetune.templates": "simple"}
+
+    def run(name, out, **sets):
+        sets = {**base, **sets}
+        return run_finetune(load_recipe(name, [f"{k}={v}" for k, v in sets.items()]),
+                            output_dir=str(out), resume="never")
+
+    # lr 0: the checkpoint holds the starting model, which must be the release's
+    s = run("finetune_demo", tmp_path / "cls", init=tiny_file, **{
+        "finetune.zeroshot_head": True, "optim.lr": 0.0, "finetune.ema_decay": 0.0})
+    assert s["first_val"]["step"] == 0
+    assert s["first_val"]["val_acc1"] == pytest.approx(release_acc1, abs=1e-9)
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.zeroshot import SIMPLE_TEMPLATES, build_classifier
+
+    folder = ckpt.latest_checkpoint(str(tmp_path / "cls"))
+    meta, start = ckpt.load_meta(folder), ckpt.load_weights(folder)
+    assert meta["preprocess"]["mean"] == R.OPENAI_MEAN and meta["preprocess"]["size"] == 32
+    assert meta["teacher"]["model"].startswith("uta-release:")
+    rel = R.load_release(tiny_file)
+    for k, v in rel.student.state_dict().items():  # the projection is the new head's first part
+        assert torch.equal(start[k.replace("head.", "head.proj.")], v), k
+    names = [n.replace("_", " ") for n in sorted(os.listdir(images))]
+    classifier = build_classifier(rel.text_tower.clip.encode_text, rel.text_tower.tokenizer,
+                                  names, list(SIMPLE_TEMPLATES))
+    head = F.normalize(start["head.classes.weight"], dim=-1)
+    assert torch.allclose(head, F.normalize(classifier.T, dim=-1), atol=1e-5)
+
+    # contrastive: captions from the folder names, the release's text tower unlocked
+    rows = ["image,caption"] + [f"{os.path.join(images, c, f)},a photo of a {c.replace('_', ' ')}."
+                                for c in sorted(os.listdir(images))
+                                for f in sorted(os.listdir(os.path.join(images, c)))]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("\n".join(rows) + "\n")
+    local = tmp_path / "uta_local.pt"
+    shutil.copy(tiny_file, local)
+    s = run("contrastive_demo", tmp_path / "con", init=local, **{
+        "data.source": str(pairs),
+        "finetune.text_locked": False, "optim.lr": 1e-3})
+    tuned = ckpt.load_weights(ckpt.latest_checkpoint(str(tmp_path / "con")))
+    original = rel.text_tower.clip.state_dict()
+    assert not torch.equal(tuned["text_projection"], original["text_projection"])
+    out = tmp_path / "con.json"
+    assert cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args, "--output-json",
+               out).exit_code == 0
+    tuned_acc1 = json.loads(out.read_text())["acc1"]
+    assert tuned_acc1 == pytest.approx(s["val"]["val_zeroshot_acc1"], abs=1e-9)
+    moved = tmp_path / "elsewhere.pt"
+    os.replace(local, moved)
+    gone = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args)
+    assert gone.exit_code == 2 and "--teacher-weights" in gone.output
+    again = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args, "--teacher-weights", moved,
+                "--output-json", tmp_path / "again.json")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again.json").read_text())["acc1"] == tuned_acc1
+    wrong = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args, "--teacher-weights",
+                tmp_path / "elsewhere_wrong.pt")
+    assert wrong.exit_code == 2
+    no_teacher = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args, "--teacher-weights",
+                     moved, "--teacher")
+    assert no_teacher.exit_code == 2 and "Drop --teacher" in no_teacher.output

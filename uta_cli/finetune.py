@@ -45,6 +45,8 @@ from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
 from uta_cli.demo_data import demo_splits
 from uta_cli.engine import Engine, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
+from uta_cli.models import release
+from uta_cli.models.release import ReleasedModel
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import CLIPTeacher, load_clip, load_teacher, teacher_from_meta
 from uta_cli.pretrain import engine_config
@@ -142,9 +144,10 @@ def check_recipe(recipe: Recipe) -> None:
 class Start:
     """What `init` resolved to."""
 
-    kind: str  # scratch | uta | uta-contrastive | timm | open_clip
-    location: str = ""  # checkpoint folder, timm model name, open_clip model name
+    kind: str  # scratch | uta | uta-contrastive | uta-release | timm | open_clip
+    location: str = ""  # checkpoint folder, released file, timm or open_clip model name
     meta: dict = field(default_factory=dict)
+    release: ReleasedModel | None = None  # uta-release: the loaded file (student + text tower)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "location": self.location, "step": self.meta.get("step")}
@@ -163,6 +166,9 @@ def resolve_start(recipe: Recipe) -> Start:
             f"init {init!r} does not exist. Give a UTA run directory or checkpoint folder (for "
             f"the demo: run `uta pretrain` first, it writes runs/demo), timm:MODEL or "
             f"open_clip:MODEL, or --set init= for a random start.")
+    if release.resolve_format(init) == "uta-release":  # a released uta_*.pt file
+        rel = release.load_release(init)
+        return Start("uta-release", os.path.abspath(init), rel.meta, rel)
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
@@ -180,7 +186,10 @@ def uta_student(start: Start, drop_path: float) -> UTAStudent:
     cfg.drop_path = drop_path
     cfg.init = ""
     student = UTAStudent(cfg, int(start.meta["embed_dim"]))
-    state = ckpt.load_weights(start.location)
+    if start.kind == "uta-release":
+        state = start.release.student.state_dict()
+    else:
+        state = ckpt.load_weights(start.location)
     if start.kind == "uta-contrastive":
         state = student_state_dict(state)
     student.load_state_dict(state)
@@ -190,7 +199,9 @@ def uta_student(start: Start, drop_path: float) -> UTAStudent:
 def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher:
     """The CLIP whose text tower gives class embeddings (and is tuned in contrastive): the
     checkpoint's verified teacher (with its tuned text tower after contrastive tuning), else the
-    recipe's teacher."""
+    recipe's teacher. A released file brings its own text tower."""
+    if start.kind == "uta-release":
+        return start.release.text_tower
     relocated = recipe.teacher.weights if recipe.teacher.weights not in ("", "demo") else ""
     if start.kind == "uta-contrastive":
         return tuned_clip_from_checkpoint(start.location, relocated)[1]
@@ -205,7 +216,7 @@ def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher:
 def student_view(name: str, start: Start, recipe: Recipe) -> View:
     """The student's input: a UTA checkpoint's recorded preprocessing (what it was trained on),
     else the recipe's size and normalisation."""
-    if start.kind in ("uta", "uta-contrastive"):
+    if start.kind in ("uta", "uta-contrastive", "uta-release"):
         sp = start.meta.get("student_preprocess") or {}
         return View(name, int(sp.get("size", start.meta["student"]["image_size"])),
                     tuple(sp.get("mean", recipe.data.mean)), tuple(sp.get("std", recipe.data.std)),

@@ -316,7 +316,16 @@ class ReleaseTextCLIP(nn.Module):
         self.register_buffer("attn_mask", text.attn_mask, persistent=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+        # the image side is attached by contrastive tuning (tasks.contrastive.uta_clip); with
+        # these open_clip CLIP attributes, CLIP's forward and lock_text_tower work unchanged
+        self.visual = nn.Identity()
+        self.output_dict = False
+        self.logit_bias = None
+
     encode_text = open_clip.model.CLIP.encode_text  # argmax pooling, ln_final, x @ projection
+    encode_image = open_clip.model.CLIP.encode_image
+    forward = open_clip.model.CLIP.forward
+    lock_text_tower = open_clip.model.CLIP.lock_text_tower
 
 
 class ReleaseTextTower:
@@ -408,16 +417,38 @@ def _strict_load(module: nn.Module, state: dict, path: str, what: str) -> None:
                             f"{_listing(result.unexpected_keys) or 'none'}.")
 
 
-def load_release(path: str) -> ReleasedModel:
-    """The student (vision tower + head), the text tower and a checkpoint-like meta."""
-    state, arch, meta = read_release(path)
-    student = build_student(state, arch, path)
+def _text_tower(state: dict, arch: ReleaseArch, meta: dict, path: str) -> ReleaseTextTower:
     text = ReleaseTextCLIP(arch)
     text_state = {k[len("text."):] if k.startswith("text.") else k: v
                   for k, v in state.items() if not k.startswith("visual.")}
     _strict_load(text, text_state, path, "text tower")
-    tower = ReleaseTextTower(text, TeacherIdentity(**meta["teacher"]))
-    return ReleasedModel(student, tower, meta, arch)
+    return ReleaseTextTower(text, TeacherIdentity(**meta["teacher"]))
+
+
+def load_release(path: str) -> ReleasedModel:
+    """The student (vision tower + head), the text tower and a checkpoint-like meta."""
+    state, arch, meta = read_release(path)
+    student = build_student(state, arch, path)
+    return ReleasedModel(student, _text_tower(state, arch, meta, path), meta, arch)
+
+
+def text_tower_from_meta(recorded: dict, weights_override: str = "") -> ReleaseTextTower:
+    """The text tower of the released file a checkpoint was tuned from (its meta's `teacher`,
+    model uta-release:NAME), refused unless it is the same file. weights_override: where the
+    file lives now."""
+    path = weights_override or recorded["weights"]
+    if not os.path.isfile(path):
+        raise UtaUsageError(f"The checkpoint's text tower comes from the released UTA file "
+                            f"{path}, which does not exist here. Pass --teacher-weights with "
+                            f"its new location.")
+    state, arch, meta = read_release(path)
+    fingerprint = recorded.get("weights_fingerprint")
+    if fingerprint and meta["teacher"]["weights_fingerprint"] != fingerprint:
+        raise UtaUsageError(f"Teacher mismatch: the checkpoint was tuned from the released file "
+                            f"{recorded['weights']} ({recorded['model']}), but {path} is a "
+                            f"different file (fingerprint mismatch). Point --teacher-weights at "
+                            f"the release used for tuning.")
+    return _text_tower(state, arch, meta, path)
 
 
 def student_init_state(path: str, cfg: StudentConfig, embed_dim: int) -> dict[str, torch.Tensor]:

@@ -91,13 +91,15 @@ class UTAStudent(nn.Module):
         return self.forward(images)[:, 0]
 
 
-def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto") -> tuple[UTAStudent, dict]:
+def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: str = ""
+                            ) -> tuple[UTAStudent, dict]:
     """Rebuild the student of a uta checkpoint folder (or run directory) with its weights.
 
     A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
     meta then carries `bundled_text`, the release's own text tower (a ReleaseTextTower). A
     contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, so
-    zero-shot and export score the student with the text side it was tuned with.
+    zero-shot and export score the student with the text side it was tuned with;
+    teacher_weights says where that checkpoint's teacher lives now, if it moved.
     """
     from uta_cli import checkpoint as ckpt
     from uta_cli.errors import UtaUsageError
@@ -111,7 +113,7 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto") -> tuple[UTAStuden
     if meta.get("task") == "uta-contrastive":
         from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint
 
-        student, tuned, meta = tuned_clip_from_checkpoint(folder)
+        student, tuned, meta = tuned_clip_from_checkpoint(folder, teacher_weights)
         return student, dict(meta, bundled_text=tuned)
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")

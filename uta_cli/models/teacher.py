@@ -274,10 +274,16 @@ def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
 
     weights_override: where the weights live now (a run directory moved to another machine).
     The fingerprint, embed_dim and open_clip config must still match what training used.
+    A checkpoint tuned from a released UTA file gets that file's text tower instead (a
+    release.ReleaseTextTower: same clip/tokenizer/identity, no image tower).
     """
     recorded = meta.get("teacher")
     if not recorded:
         raise UtaUsageError("The checkpoint records no teacher; pass one explicitly.")
+    if recorded["model"].startswith("uta-release:"):  # tuned from a released file: its text
+        from uta_cli.models.release import text_tower_from_meta
+
+        return text_tower_from_meta(recorded, weights_override)
     model, weights = recorded["model"], recorded["weights"]
     if weights_override:
         if model.startswith("local-dir:"):
