@@ -257,33 +257,6 @@ def read_classnames(path: str) -> list[str]:
     return names
 
 
-def resolve_templates(spec: str) -> list:
-    """`openai` (open_clip's 80 ImageNet prompts), `simple` (its 7), or a file of templates with
-    `{c}` or `{}` for the class name, one a line."""
-    from open_clip import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-
-    if spec == "openai":
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if spec == "simple":
-        return list(SIMPLE_IMAGENET_TEMPLATES)
-    if not os.path.isfile(spec):
-        raise UtaUsageError(f"--templates must be 'openai', 'simple' or a file of templates "
-                            f"(one a line, with {{c}} for the class name); '{spec}' is neither.")
-    with open(spec, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    bad = [ln for ln in lines if "{c}" not in ln and "{}" not in ln]
-    if not lines or bad:
-        raise UtaUsageError(f"--templates file {spec}: every line needs {{c}} (or {{}}) where the "
-                            f"class name goes, e.g. 'a photo of a {{c}}.'; "
-                            f"{'it is empty' if not lines else repr(bad[0])}.")
-    return lines
-
-
-def template_strings(templates: Sequence) -> list[str]:
-    """Templates as text for the metadata (open_clip's are lambdas)."""
-    return [t("{c}") if callable(t) else t for t in templates]
-
-
 def check_options(opts: ExportOptions) -> tuple[str, str, float]:
     """Everything that can be refused before a model is loaded; returns (format, kind, atol)."""
     fmt = _choice(opts.format, FORMATS, "--format")
@@ -369,7 +342,7 @@ def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
                        f"{student.grid_size[0]}x{student.grid_size[1]} grid"
     if kind == "classifier":
         md["classnames"] = list(classnames or [])
-        md["templates"] = template_strings(templates or [])
+        md["templates"] = list(templates or [])
         md["logit_scale"] = LOGIT_SCALE
     return md
 
@@ -701,12 +674,14 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     classnames = templates = None
     if kind == "classifier":
         classnames = read_classnames(opts.classnames)
-        templates = resolve_templates(opts.templates)
+        from uta_cli.zeroshot import resolve_templates
+
+        templates = resolve_templates(opts.templates)[1]  # the same prompts as `uta zeroshot`
     output = os.path.abspath(opts.output)
 
     from uta_cli.models.student import student_from_checkpoint
 
-    student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format)
+    student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format, opts.teacher_weights)
     student.requires_grad_(False)
     teacher = classifier = None
     if "bundled_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher

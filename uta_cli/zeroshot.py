@@ -67,14 +67,18 @@ def read_text_lines(path: str, what: str) -> list[str]:
 
 
 def resolve_templates(spec: str) -> tuple[str, list[str]]:
-    """'openai' (open_clip's 80 ImageNet templates), 'simple' (one), or a file, one per line."""
+    """'openai' (open_clip's 80 ImageNet templates), 'simple' (one), or a file, one per line
+    ('#' starts a comment line). `uta zeroshot`, `uta finetune` and `uta export` all use this."""
     if spec == "openai":
         from open_clip import OPENAI_IMAGENET_TEMPLATES
 
         return "openai", template_strings(OPENAI_IMAGENET_TEMPLATES)
     if spec == "simple":
         return "simple", list(SIMPLE_TEMPLATES)
-    lines = read_text_lines(spec, "templates")
+    lines = [line for line in read_text_lines(spec, "templates") if not line.startswith("#")]
+    if not lines:
+        raise UtaUsageError(f"The templates file {spec} has only comments: give one template "
+                            f"per line, e.g. 'a photo of a {{c}}.'.")
     bad = [line for line in lines if "{c}" not in line and "{}" not in line]
     if bad:
         raise UtaUsageError(

@@ -25,8 +25,9 @@ def export(
                                     "--classnames)."),
     classnames: str = typer.Option("", "--classnames", help="Class names, one a line "
                                    "(classifier only)."),
-    templates: str = typer.Option("openai", "--templates", help="openai (80 prompts), simple (7), "
-                                  "or a file of templates with {c}, one a line."),
+    templates: str = typer.Option("openai", "--templates", help="openai (80 prompts), simple "
+                                  "(one), or a file of templates with {c}, one a line; the same "
+                                  "choices as uta zeroshot."),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the "
                                      "exporter's)."),
     atol: float | None = typer.Option(None, "--atol", help="Largest allowed absolute "
