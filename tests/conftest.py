@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n N` the workers share the cores: one thread each, in the processes the
+    # tests spawn too (they inherit this), or N workers x all-core thread pools oversubscribe
+    # and the suite gets slower instead of faster. Set before torch is imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
