@@ -164,8 +164,8 @@ def resolve_start(recipe: Recipe) -> Start:
     if not os.path.exists(init):
         raise UtaUsageError(
             f"init {init!r} does not exist. Give a UTA run directory or checkpoint folder (for "
-            f"the demo: run `uta pretrain` first, it writes runs/demo), timm:MODEL or "
-            f"open_clip:MODEL, or --set init= for a random start.")
+            f"the demo: run `uta pretrain` first, it writes runs/demo), a released uta_*.pt "
+            f"file, timm:MODEL or open_clip:MODEL, or --set init= for a random start.")
     if release.resolve_format(init) == "uta-release":  # a released uta_*.pt file
         rel = release.load_release(init)
         return Start("uta-release", os.path.abspath(init), rel.meta, rel)

@@ -175,7 +175,8 @@ class Recipe:
     # What `uta finetune` trains; `uta pretrain` runs "pretrain" recipes.
     task: Literal["pretrain", "classification", "contrastive"] = "pretrain"
     # The starting model of `uta finetune`: a UTA checkpoint or run directory (pre-training or
-    # contrastive tuning), `timm:NAME` or `open_clip:MODEL` (weights from finetune.init_weights);
+    # contrastive tuning), a released uta_*.pt file (its own text tower then serves as the
+    # teacher's), `timm:NAME` or `open_clip:MODEL` (weights from finetune.init_weights);
     # empty = random init from the student section.
     init: str = ""
     data: DataConfig = field(default_factory=DataConfig)

@@ -20,7 +20,8 @@ def finetune(
 ) -> None:
     """Fine-tune a UTA ViT: classification or contrastive tuning, as the recipe's task says.
 
-    It starts from the recipe's init: a UTA run directory or checkpoint, timm:NAME, open_clip:MODEL.
+    It starts from the recipe's init: a UTA run directory or checkpoint, a released uta_*.pt
+    file, timm:NAME or open_clip:MODEL.
 
     Validation every train.val_every steps; the best checkpoint is kept in RUN/checkpoints/best.
 
