@@ -306,6 +306,39 @@ def test_tuned_checkpoint_keeps_text_tower_for_zeroshot(tuned, uta_ckpt, tmp_pat
                    if n.startswith(("transformer.", "token_embedding")))
 
 
+def test_tuned_text_tower_gets_its_own_cached_class_weights(tuned, uta_ckpt, tmp_path):
+    """The classifier cache keys on the teacher; a tuned text tower has the same teacher
+    identity, so it must not be served the class weights of the original text tower."""
+    from typer.testing import CliRunner
+
+    from uta_cli.app import app
+    from uta_cli.demo_data import CLASSNAMES, TEMPLATES
+    from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint
+    from uta_cli.zeroshot import build_classifier
+
+    run_dir, _ = tuned
+    cache = tmp_path / "cache"
+
+    def zeroshot(ckpt_dir, name):
+        result = CliRunner().invoke(app, [
+            "zeroshot", "--ckpt", str(ckpt_dir), "--dataset", "demo", "--precision", "fp32",
+            "--workers", "0", "--cache-dir", str(cache), "--output-json", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / name).read_text())
+
+    assert zeroshot(uta_ckpt, "original.json")["classifier"]["cache"] == "built"
+    first = zeroshot(run_dir, "tuned.json")
+    assert first["classifier"]["cache"] == "built"  # not the original tower's weights
+    assert zeroshot(run_dir, "again.json")["classifier"]["cache"] == "hit"
+    _, teacher, _ = tuned_clip_from_checkpoint(str(run_dir))
+    with torch.no_grad():
+        expected = build_classifier(teacher.clip.encode_text, teacher.tokenizer, CLASSNAMES,
+                                    TEMPLATES)
+    cached = load_file(first["classifier"]["path"])["classifier"]
+    assert torch.allclose(cached, expected, atol=1e-6)
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
 # ------------------------------------------------------------------------------ distribution
 
 _TWO_PROC = """

@@ -616,7 +616,8 @@ def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: li
     from accelerate.utils import broadcast_object_list, gather_object
 
     key = classifier_cache_key(teacher.identity.to_dict(), classnames, templates,
-                               str(teacher.dtype).replace("torch.", ""))
+                               str(teacher.dtype).replace("torch.", ""),
+                               teacher.text_fingerprint)
     path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else ""
     t0 = time.perf_counter()
     cached = [None]

@@ -149,15 +149,18 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokeni
 
 
 def classifier_cache_key(teacher: dict, classnames: Sequence[str], templates: Sequence,
-                         text_dtype: str) -> str:
+                         text_dtype: str, tuned_text: str = "") -> str:
     """What the class weights depend on: the text tower's weights and config, the prompts, and
-    the dtype it ran in. The teacher's path is left out, so a moved teacher still hits."""
+    the dtype it ran in. The teacher's path is left out, so a moved teacher still hits.
+    tuned_text: the fingerprint of tuned text weights that replaced the teacher's own."""
     payload = {"v": CLASSIFIER_CACHE_VERSION,
                "weights": teacher.get("weights_fingerprint", ""),
                "model": "local-dir" if str(teacher.get("model", "")).startswith("local-dir:")
                else teacher.get("model", ""),
                "model_cfg": teacher.get("model_cfg", {}), "dtype": text_dtype,
                "classnames": list(classnames), "templates": template_strings(templates)}
+    if tuned_text:
+        payload["tuned_text"] = tuned_text
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -339,6 +339,7 @@ class ReleaseTextTower:
         self.identity = identity
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=clip.context_length)
         self.embed_dim = identity.embed_dim
+        self.text_fingerprint = ""  # as CLIPTeacher.text_fingerprint (set once tuned)
         self.dtype = torch.float32
         self.device = torch.device("cpu")
 

@@ -165,6 +165,9 @@ class CLIPTeacher:
             raise UtaUsageError(f"Unsupported teacher vision tower {type(self.visual).__name__}; "
                                 f"UTA needs a ViT tower (open_clip ViT-* or EVA02-*).")
         self.embed_dim = identity.embed_dim
+        # Set when the text tower's weights are not the teacher's own (a contrastive-tuning
+        # checkpoint's): the classifier cache keys on it, as the identity cannot tell them apart.
+        self.text_fingerprint = ""
         self.dtype = torch.float32
         self.device = torch.device("cpu")
         self.token_resample: tuple[int, int] | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -78,7 +79,7 @@ def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
     from uta_cli import checkpoint as ckpt
     from uta_cli.errors import UtaUsageError
     from uta_cli.models.student import UTAStudent
-    from uta_cli.models.teacher import teacher_from_meta
+    from uta_cli.models.teacher import file_fingerprint, teacher_from_meta
     from uta_cli.recipe import StudentConfig
 
     folder = ckpt.resolve_checkpoint(ckpt_dir)
@@ -96,6 +97,8 @@ def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
         raise UtaUsageError(f"The text tower in {folder} does not fit the teacher's CLIP "
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
     teacher.clip.eval().requires_grad_(False)
+    # the tuned text gives other class weights than the teacher's: keep them apart in the cache
+    teacher.text_fingerprint = file_fingerprint(os.path.join(folder, "model.safetensors"))
     meta["checkpoint_dir"] = folder
     return student.eval(), teacher, meta
 
