@@ -188,6 +188,8 @@ def uta_student(start: Start, drop_path: float) -> UTAStudent:
     student = UTAStudent(cfg, int(start.meta["embed_dim"]))
     if start.kind == "uta-release":
         state = start.release.student.state_dict()
+        # the rebuilt student replaces it; otherwise a giant release stays in memory twice
+        start.release.student = None
     else:
         state = ckpt.load_weights(start.location)
     if start.kind == "uta-contrastive":

@@ -362,7 +362,7 @@ class ReleaseTextTower:
 
 @dataclass
 class ReleasedModel:
-    student: UTAStudent
+    student: UTAStudent | None  # None once a fine-tuning run has taken its weights
     text_tower: ReleaseTextTower
     meta: dict
     arch: ReleaseArch
