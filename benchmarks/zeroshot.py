@@ -134,7 +134,7 @@ def uta_loop(clip_dir: str, data: str, templates: list[str], batch: int, workers
     ident = teacher.identity
     encoder = Encoder("teacher", ident.model, ident.model,
                       eval_view("teacher", teacher.image_size, ident.mean, ident.std,
-                            ident.interpolation), teacher.encode_image)
+                            ident.interpolation), teacher.encode_image, teacher)
     evalset = resolve_dataset(data)
     classifier = build_classifier(teacher.clip.encode_text, teacher.tokenizer,
                                   evalset.classnames, templates, device)
@@ -142,7 +142,8 @@ def uta_loop(clip_dir: str, data: str, templates: list[str], batch: int, workers
     console = Console(quiet=True)
     t0 = time.perf_counter()
     loader, total = shard_loader(evalset, transform, 0, 1, batch, workers, pin=False)
-    part = classify_shard(loader, total, [encoder], classifier, device, console, False)
+    part = classify_shard(loader, total, [encoder], {"teacher": classifier}, device, console,
+                          False)
     seconds = time.perf_counter() - t0
     merge_classification([part], ["teacher"], len(evalset.classnames))  # what the CLI does next
     return seconds, part["predictions"]["teacher"].topk[:, 0], len(evalset.index)

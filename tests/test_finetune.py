@@ -339,6 +339,40 @@ def test_tuned_text_tower_gets_its_own_cached_class_weights(tuned, uta_ckpt, tmp
     assert len(list(cache.glob("*.safetensors"))) == 2
 
 
+def test_teacher_row_of_a_tuned_checkpoint_uses_the_teacher_own_text(tuned, uta_ckpt,
+                                                                      tmp_path):
+    """`uta zeroshot --teacher` on a contrastive checkpoint: the student is scored with the
+    tuned text tower, the teacher row with the teacher's own, so it equals the teacher row of
+    the checkpoint the tuning started from (classification and retrieval)."""
+    from typer.testing import CliRunner
+
+    from uta_cli.app import app
+
+    run_dir, _ = tuned
+    paths = write_images(tmp_path / "set", 30, seed=3, classes=("red", "green", "blue"))
+    rows = [{"image": os.path.relpath(p, tmp_path / "set"),
+             "captions": [f"a photo of {os.path.basename(os.path.dirname(p))}",
+                          f"something {i % 4}"]} for i, p in enumerate(paths)]
+    (tmp_path / "set" / "captions.json").write_text(json.dumps(rows))
+
+    def zeroshot(ckpt_dir, name, *extra):
+        result = CliRunner().invoke(app, [
+            "zeroshot", "--ckpt", str(ckpt_dir), "--teacher", "--precision", "fp32",
+            "--workers", "0", "--cache-dir", "none", "--output-json", str(tmp_path / name),
+            *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / name).read_text())
+
+    for task, extra in (("cls", ["--dataset", str(tmp_path / "set")]),
+                        ("ret", ["--task", "retrieval", "--dataset",
+                                 str(tmp_path / "set" / "captions.json"), "--data-dir",
+                                 str(tmp_path / "set")])):
+        start = zeroshot(uta_ckpt, f"start_{task}.json", *extra)
+        tuned_report = zeroshot(run_dir, f"tuned_{task}.json", *extra)
+        assert tuned_report["teacher_result"]["metrics"] == start["teacher_result"]["metrics"]
+        assert tuned_report["metrics"] != start["metrics"]  # the student was tuned
+
+
 # ------------------------------------------------------------------------------ distribution
 
 _TWO_PROC = """

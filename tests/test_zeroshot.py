@@ -565,7 +565,9 @@ def test_shards_merge_to_the_single_process_result(setup, tmp_path):
 
     def classify(world):
         parts = [classify_shard(*shard_loader(evalset, transform, r, world, 5, 0, False),
-                                encoders, classifier, cpu, console, False) for r in range(world)]
+                                encoders, {role: classifier for role in roles}, cpu, console,
+                                False)
+                 for r in range(world)]
         assert sum(len(p["predictions"]["student"].sample_ids) for p in parts) == 36
         return merge_classification(parts, roles, 6)
 
@@ -575,7 +577,7 @@ def test_shards_merge_to_the_single_process_result(setup, tmp_path):
 
     def retrieve(world):
         parts = [retrieval_shard(*shard_loader(captions, transform, r, world, 3, 0, False),
-                                 encoders, teacher, captions.captions, cpu, 4, console, False)
+                                 encoders, captions.captions, cpu, 4, console, False)
                  for r in range(world)]
         return merge_retrieval(parts, roles)
 

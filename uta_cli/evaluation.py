@@ -492,6 +492,9 @@ class Encoder:
     pretrained: str  # CLIP_benchmark's "pretrained"
     view: View
     encode: Callable[[torch.Tensor], torch.Tensor]
+    # The text tower that scores this encoder: the checkpoint's for the student (a tuned one
+    # after contrastive tuning), the teacher's own for the teacher.
+    text: CLIPTeacher
 
 
 def eval_view(name: str, size: int, mean, std, interpolation: str) -> View:
@@ -525,17 +528,23 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
                                 f"CLIP image tower to compare with. Drop --teacher.")
     else:
         teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
+    # A tuned text tower scores the student only; the teacher row is the teacher as it was,
+    # with its own text tower (else it would be a hybrid that no one trained).
+    original = teacher
+    if with_teacher and teacher.text_fingerprint:
+        original = teacher_from_meta(meta, teacher_weights).to(device, precision)
     ident = teacher.identity
     sp = meta.get("student_preprocess") or {}
     student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
                          sp.get("mean", ident.mean), sp.get("std", ident.std),
                          sp.get("interpolation", "bicubic"))
     encoders = [Encoder("student", student_label(meta), meta["checkpoint_dir"], student_view,
-                        StudentEncoder(student, device, precision))]
+                        StudentEncoder(student, device, precision), teacher)]
     if with_teacher:
         encoders.append(Encoder("teacher", ident.model, ident.weights or ident.model,
-                                eval_view("teacher", teacher.image_size, ident.mean, ident.std,
-                                      ident.interpolation), teacher.encode_image))
+                                eval_view("teacher", original.image_size, ident.mean, ident.std,
+                                          ident.interpolation), original.encode_image,
+                                original))
     return encoders, teacher, meta
 
 
@@ -646,10 +655,11 @@ def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: li
 
 
 def classify_shard(loader, total: int | None, encoders: list[Encoder],
-                   classifier: torch.Tensor, device: torch.device, console: Console,
+                   classifiers: dict[str, torch.Tensor], device: torch.device, console: Console,
                    main: bool) -> dict:
-    """Top-k predictions of every encoder for this process's images, plus the skip count."""
-    num_classes = classifier.shape[1]
+    """Top-k predictions of every encoder (role -> its class weights) for this process's
+    images, plus the skip count."""
+    num_classes = next(iter(classifiers.values())).shape[1]
     k = min(5, num_classes)
     ids, labels, tops = [], [], {e.role: [] for e in encoders}
     skipped, error = 0, None
@@ -670,7 +680,7 @@ def classify_shard(loader, total: int | None, encoders: list[Encoder],
                     break
                 for e in encoders:
                     x = normalize(batch[e.view.name].to(device, non_blocking=True), e.view)
-                    logits = zero_shot_logits(e.encode(x), classifier)
+                    logits = zero_shot_logits(e.encode(x), classifiers[e.role])
                     tops[e.role].append(logits.topk(k, dim=-1).indices.cpu())
                 ids.append(batch["sample_id"].long())
                 labels.append(y)
@@ -686,10 +696,11 @@ def _cat_long(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
 
 
-def retrieval_shard(loader, total: int | None, encoders: list[Encoder], teacher: CLIPTeacher,
+def retrieval_shard(loader, total: int | None, encoders: list[Encoder],
                     captions: list[list[str]], device: torch.device, texts_per_batch: int,
                     console: Console, main: bool) -> dict:
-    """Normalised embeddings of this process's images (per encoder) and of their captions."""
+    """Normalised embeddings of this process's images and of their captions, per encoder (each
+    through its own text tower; encoders sharing one share the text embeddings)."""
     ids, embs = [], {e.role: [] for e in encoders}
     skipped = 0
     t0 = time.perf_counter()
@@ -714,16 +725,21 @@ def retrieval_shard(loader, total: int | None, encoders: list[Encoder], teacher:
                 text_ids.append(offsets[i] + j)
                 text_image.append(i)
                 texts.append(c)
-        encode = text_encoder(teacher)
-        text_emb = [F.normalize(encode(teacher.tokenizer(texts[s:s + texts_per_batch])), dim=-1)
-                    .cpu() for s in range(0, len(texts), texts_per_batch)]
-    dim = teacher.embed_dim
+        by_tower: dict[int, torch.Tensor] = {}
+        for e in encoders:
+            if id(e.text) not in by_tower:
+                encode = text_encoder(e.text)
+                chunks = [F.normalize(encode(e.text.tokenizer(texts[s:s + texts_per_batch])),
+                                      dim=-1).cpu() for s in range(0, len(texts), texts_per_batch)]
+                by_tower[id(e.text)] = torch.cat(chunks) if chunks else \
+                    torch.zeros(0, e.text.embed_dim)
+    dim = encoders[0].text.embed_dim
     return {"error": None, "skipped": skipped, "seconds": time.perf_counter() - t0,
             "image_ids": image_ids,
             "image_emb": {r: torch.cat(v) if v else torch.zeros(0, dim) for r, v in embs.items()},
             "text_ids": torch.tensor(text_ids, dtype=torch.long),
             "text_image": torch.tensor(text_image, dtype=torch.long),
-            "text_emb": torch.cat(text_emb) if text_emb else torch.zeros(0, dim)}
+            "text_emb": {e.role: by_tower[id(e.text)] for e in encoders}}
 
 
 def merge_classification(parts: list[dict], roles: list[str], num_classes: int) -> dict:
@@ -740,15 +756,16 @@ def merge_classification(parts: list[dict], roles: list[str], num_classes: int) 
 def merge_retrieval(parts: list[dict], roles: list[str]) -> dict:
     """role -> retrieval metrics over the merged embeddings of every process."""
     image_ids, _ = merge_by_id([(p["image_ids"], p["image_ids"][:, None]) for p in parts])
-    _, text_emb = merge_by_id([(p["text_ids"], p["text_emb"]) for p in parts])
-    _, text_image = merge_by_id([(p["text_ids"], p["text_image"][:, None]) for p in parts])
-    if len(image_ids) == 0 or len(text_emb) == 0:
+    text_ids, text_image = merge_by_id([(p["text_ids"], p["text_image"][:, None])
+                                        for p in parts])
+    if len(image_ids) == 0 or len(text_ids) == 0:
         raise UtaUsageError("No readable images (or no captions) to evaluate retrieval on.")
     # rows of the merged image matrix are sorted by image id: map each text to its row
     text_row = torch.searchsorted(image_ids, text_image[:, 0])
     out = {}
     for role in roles:
         _, image_emb = merge_by_id([(p["image_ids"], p["image_emb"][role]) for p in parts])
+        _, text_emb = merge_by_id([(p["text_ids"], p["text_emb"][role]) for p in parts])
         out[role] = {**retrieval_metrics(image_emb, text_emb, text_row),
                      "num_samples": len(image_ids), "num_texts": len(text_emb)}
     return out
@@ -817,13 +834,19 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                                  opts.batch_size, opts.workers, pin=device.type == "cuda")
     classifier_info: dict = {}
     if classification:
-        classifier, classifier_info = obtain_classifier(
-            teacher, evalset.classnames, templates, device, cache_dir, state,
-            opts.texts_per_batch, console)
-        payload = classify_shard(loader, total, encoders, classifier, device, console, main)
+        built: dict[int, tuple[torch.Tensor, dict]] = {}  # one per distinct text tower
+        for e in encoders:
+            if id(e.text) not in built:
+                built[id(e.text)] = obtain_classifier(
+                    e.text, evalset.classnames, templates, device, cache_dir, state,
+                    opts.texts_per_batch, console)
+        classifier_info = built[id(encoders[0].text)][1]
+        payload = classify_shard(loader, total, encoders,
+                                 {e.role: built[id(e.text)][0] for e in encoders}, device,
+                                 console, main)
     else:
-        payload = retrieval_shard(loader, total, encoders, teacher, evalset.captions, device,
-                                   opts.texts_per_batch, console, main)
+        payload = retrieval_shard(loader, total, encoders, evalset.captions, device,
+                                  opts.texts_per_batch, console, main)
     parts = gather_object([payload])
     errors = [p["error"] for p in parts if p["error"]]
     if errors:
