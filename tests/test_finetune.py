@@ -373,6 +373,34 @@ def test_teacher_row_of_a_tuned_checkpoint_uses_the_teacher_own_text(tuned, uta_
         assert tuned_report["metrics"] != start["metrics"]  # the student was tuned
 
 
+def test_pretrain_student_init_from_uta_checkpoints(full_run, tuned, uta_ckpt, tmp_path):
+    """student.init takes a pre-training or contrastive-tuning checkpoint (the student part);
+    a fine-tuning checkpoint or a student of another shape is a clear error, not a
+    load_state_dict traceback."""
+    from uta_cli.pretrain import run_pretrain
+
+    teacher_dir = ckpt.load_meta(ckpt.resolve_checkpoint(uta_ckpt))["teacher"]["model"][
+        len("local-dir:"):]
+
+    def pretrain(init, name, **extra):
+        sets = tiny_overrides(teacher_dir, steps=1, **{"student.init": init, "optim.lr": 0.0,
+                                                       "train.checkpoint_every": 1, **extra})
+        return run_pretrain(load_recipe("demo", sets), output_dir=str(tmp_path / name),
+                            resume="never")
+
+    pretrain(str(tuned[0]), "from_tuned")  # lr 0: the checkpoint holds the initial student
+    tuned_student = {k[len("visual.student."):]: v
+                     for k, v in weights(ckpt.latest_checkpoint(str(tuned[0]))).items()
+                     if k.startswith("visual.student.")}
+    got = weights(ckpt.latest_checkpoint(str(tmp_path / "from_tuned")))
+    assert got.keys() == tuned_student.keys()
+    assert all(torch.equal(got[k], v) for k, v in tuned_student.items())
+    with pytest.raises(UtaUsageError, match="'classification' checkpoint"):
+        pretrain(str(full_run[0]), "from_cls")
+    with pytest.raises(UtaUsageError, match=r"student.width=48 \(checkpoint: 32\)"):
+        pretrain(uta_ckpt, "wider", **{"student.width": 48})
+
+
 # ------------------------------------------------------------------------------ distribution
 
 _TWO_PROC = """

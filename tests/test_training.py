@@ -195,3 +195,14 @@ def test_pretrain_streams_tar_shards(tmp_path, tiny_clip_dir):
         "data.source": str(tmp_path / "shard-{00..01}.tar"), "data.samples_per_epoch": 12,
         "data.num_workers": 4}))
     assert too_few.returncode == 2 and "shard" in too_few.stderr
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    from uta_cli.engine import run_directory
+    from uta_cli.errors import UtaUsageError
+
+    (tmp_path / "taken").write_text("not a run")
+    with pytest.raises(UtaUsageError, match="is a file. Pass another --output-dir"):
+        run_directory(str(tmp_path / "taken"), "demo")
+    assert run_directory(str(tmp_path / "new" / "run"), "demo") == str(tmp_path / "new" / "run")
+    assert os.path.isdir(tmp_path / "new" / "run")

@@ -458,5 +458,8 @@ class Engine:
 
 def run_directory(output_dir: str, default_name: str) -> str:
     path = output_dir or os.path.join("runs", default_name)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UtaUsageError(f"The run directory {path} exists and is a file. Pass another "
+                            f"--output-dir.")
     os.makedirs(path, exist_ok=True)
     return path

@@ -35,6 +35,44 @@ from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe, recipe_to_dict, save_recipe
 from uta_cli.tasks.alignment import AlignmentTask
 
+# what decides the shapes of a student's weights
+_SHAPE_FIELDS = ("family", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
+
+
+def student_init_state(recipe: Recipe, embed_dim: int) -> tuple[dict[str, torch.Tensor], str]:
+    """student.init's weights (and a description): a released UTA file (uta_*.pt), or the
+    student of a UTA pre-training or contrastive-tuning checkpoint. The recipe's student must
+    have the same shape; a mismatch is named field by field instead of failing in
+    load_state_dict."""
+    init, cfg = recipe.student.init, recipe.student
+    if os.path.isfile(init):
+        from uta_cli.models import release
+
+        return release.student_init_state(init, cfg, embed_dim), \
+            f"the released UTA file {init}"
+    folder = ckpt.resolve_checkpoint(init)
+    meta = ckpt.load_meta(folder)
+    task = meta.get("task")
+    if task not in ("uta-alignment", "uta-contrastive"):
+        raise UtaUsageError(f"student.init {folder} is a '{task}' checkpoint. student.init takes "
+                            f"a UTA pre-training or contrastive-tuning checkpoint, or a released "
+                            f"uta_*.pt file.")
+    want, have = dataclasses.asdict(cfg), meta["student"]
+    diffs = [f"student.{k}={want[k]!r} (checkpoint: {have.get(k)!r})" for k in _SHAPE_FIELDS
+             if have.get(k) != want[k]]
+    if int(meta["embed_dim"]) != embed_dim:
+        diffs.append(f"teacher embed_dim {embed_dim} (checkpoint: {meta['embed_dim']})")
+    if diffs:
+        raise UtaUsageError(f"student.init {folder} does not fit the recipe: {'; '.join(diffs)}. "
+                            f"Set the student section to the checkpoint's (the 'student' of its "
+                            f"meta.json) and use the same teacher.")
+    state = ckpt.load_weights(folder)
+    if task == "uta-contrastive":
+        from uta_cli.tasks.contrastive import student_state_dict
+
+        state = student_state_dict(state)
+    return state, f"{folder} ({task}, step {meta.get('step')})"
+
 
 def engine_config(recipe: Recipe) -> EngineConfig:
     o, s, t = recipe.optim, recipe.schedule, recipe.train
@@ -102,15 +140,10 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     teacher = load_teacher(teacher_model, teacher_weights)
     set_seed(recipe.seed)  # the same initial student on every rank
     student = UTAStudent(recipe.student, teacher.embed_dim)
-    if recipe.student.init and os.path.isfile(recipe.student.init):
-        # a released UTA file (uta_*.pt): its vision tower, if the student config matches it
-        from uta_cli.models.release import student_init_state
-
-        student.load_state_dict(student_init_state(recipe.student.init, recipe.student,
-                                                   teacher.embed_dim))
-        say(f"student initialised from the released UTA file {recipe.student.init}")
-    elif recipe.student.init:
-        student.load_state_dict(ckpt.load_weights(ckpt.resolve_checkpoint(recipe.student.init)))
+    if recipe.student.init:
+        state, source = student_init_state(recipe, teacher.embed_dim)
+        student.load_state_dict(state)
+        say(f"student initialised from {source}")
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     say(f"[dim]grid: {grid_note}[/dim]")
 
