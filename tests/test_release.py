@@ -529,6 +529,17 @@ def test_finetune_takes_a_release_file(tiny_file, images, tmp_path):
                out).exit_code == 0
     tuned_acc1 = json.loads(out.read_text())["acc1"]
     assert tuned_acc1 == pytest.approx(s["val"]["val_zeroshot_acc1"], abs=1e-9)
+    # exported as an open_clip folder, the tuned run carries its tuned text tower
+    assert cli("export", "--ckpt", tmp_path / "con", "--format", "open-clip", "--output",
+               tmp_path / "oc").exit_code == 0
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    ids = rel.text_tower.tokenizer(["a photo of a cat."])
+    with torch.no_grad():
+        tuned_text = R.ReleaseTextCLIP(rel.arch)
+        tuned_text.load_state_dict({k: v for k, v in tuned.items()
+                                    if not k.startswith("visual.")})
+        assert torch.allclose(model.eval().encode_text(ids), tuned_text.encode_text(ids),
+                              atol=1e-5)
     moved = tmp_path / "elsewhere.pt"
     os.replace(local, moved)
     gone = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args)
