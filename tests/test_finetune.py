@@ -537,6 +537,7 @@ def test_timm_and_open_clip_starts(uta_ckpt, tmp_path):
     ({"finetune.mixup": 0.8, "data.batch_size": 7}, "even"),
     ({"finetune.layer_decay": 1.5}, "layer_decay"),
     ({"init": "timm:test_vit", "finetune.zeroshot_head": True}, "projection"),
+    ({"finetune.classnames": "imagenet"}, "gives 1000 names, but the data has 16 classes"),
 ])
 def test_bad_input_is_a_usage_error(sets, needle, tmp_path, uta_ckpt):
     sets = {"init": uta_ckpt, **sets}

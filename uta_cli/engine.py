@@ -394,7 +394,7 @@ class Engine:
                                   "skipped_images": skipped}
                         self.log_metrics(record)
                         progress.update(step, f"loss {means.get('loss', float('nan')):.4f}  "
-                                        f"{record['images_per_s']:.0f} img/s", log_line=True)
+                                        f"{_rate(record['images_per_s'])} img/s", log_line=True)
                         sums, n_sums, samples, data_wait = {}, 0, 0, 0.0
                         t_window = time.perf_counter()
                     else:
@@ -454,6 +454,11 @@ class Engine:
                 f"The loss became NaN or infinite at or before step {step}. {where} Lower "
                 f"optim.lr, raise optim.warmup, or use train.precision=bf16 instead of fp16, "
                 f"then resume with the same command (--resume auto).")
+
+
+def _rate(per_s: float) -> str:
+    """Whole numbers, but two significant digits below 10 (a big model on a CPU: 0.21)."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
 
 
 def run_directory(output_dir: str, default_name: str) -> str:

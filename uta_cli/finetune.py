@@ -362,6 +362,14 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
         if found is None and isinstance(val, ImageFolderDataset) and val.index.classes:
             found = [c.replace("_", " ") for c in val.index.classes]
     classnames = _classnames(recipe, found)
+    if found is not None and classnames is not None and len(classnames) != len(found):
+        # the labels are the folders' sorted order; names for another class count would
+        # silently pair labels with the wrong names (and size the head wrongly)
+        raise UtaUsageError(f"finetune.classnames ({f.classnames}) gives {len(classnames)} "
+                            f"names, but the data has {len(found)} classes ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}). Give one name per class, in "
+                            f"the folders' sorted order, or --set finetune.classnames= to use "
+                            f"the folder names.")
     num_classes = f.num_classes or (len(classnames) if classnames else 0)
     if recipe.task == "classification" and num_classes < 1:
         raise UtaUsageError("The number of classes is unknown: tar shards carry integer labels "
