@@ -540,6 +540,11 @@ def test_finetune_takes_a_release_file(tiny_file, images, tmp_path):
                                     if not k.startswith("visual.")})
         assert torch.allclose(model.eval().encode_text(ids), tuned_text.encode_text(ids),
                               atol=1e-5)
+    # on the demo data there is no teacher reference to report (no CLIP image tower)
+    demo = run("contrastive_demo", tmp_path / "con_demo", init=local, **{
+        "data.source": "demo", "data.val_source": "", "demo.train_images": 16,
+        "demo.val_images": 8})
+    assert "val_zeroshot_acc1" in demo["val"] and not any("teacher" in k for k in demo["val"])
     moved = tmp_path / "elsewhere.pt"
     os.replace(local, moved)
     gone = cli("zeroshot", "--ckpt", tmp_path / "con", *zs_args)

@@ -608,7 +608,8 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     task = ContrastiveTask(model, teacher.tokenizer, source, view, validate, meta,
                            name="uta-contrastive")
     reference = None
-    if data.kind == "demo" and validate is not None:
+    # (a released file's text tower has no CLIP image tower to measure)
+    if data.kind == "demo" and validate is not None and getattr(teacher, "kind", "") != "release":
         teacher_view = View("image", teacher.image_size, tuple(ident.mean), tuple(ident.std),
                             ident.interpolation)
         _, split = demo_splits(0, recipe.demo.val_images, recipe.demo.data_seed)
