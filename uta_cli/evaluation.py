@@ -523,7 +523,7 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     student, meta = student_from_checkpoint(ckpt_dir, ckpt_format, teacher_weights)
     if "bundled_text" in meta:
         teacher = meta.pop("bundled_text").to(device, precision)
-        if with_teacher and getattr(teacher, "kind", "") == "release":
+        if with_teacher and teacher.kind == "release":
             raise UtaUsageError(f"{ckpt_dir} was tuned from a released UTA file, which has no "
                                 f"CLIP image tower to compare with. Drop --teacher.")
     else:

@@ -609,7 +609,7 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
                            name="uta-contrastive")
     reference = None
     # (a released file's text tower has no CLIP image tower to measure)
-    if data.kind == "demo" and validate is not None and getattr(teacher, "kind", "") != "release":
+    if data.kind == "demo" and validate is not None and teacher.kind != "release":
         teacher_view = View("image", teacher.image_size, tuple(ident.mean), tuple(ident.std),
                             ident.interpolation)
         _, split = demo_splits(0, recipe.demo.val_images, recipe.demo.data_seed)
