@@ -22,7 +22,7 @@ def test_builtin_recipes_resolve_by_name():
     b16 = load_recipe("vitb16")
     assert (b16.student.family, b16.student.patch_size, b16.student.image_size) == ("eva", 16, 224)
     assert b16.teacher.model.startswith("EVA02")
-    # UTA-METHOD.md section 7 (EVA-02 template)
+    # docs/method.md §8 (EVA-02 template)
     assert (b16.optim.lr, b16.optim.betas, b16.optim.eps, b16.optim.grad_clip) == \
         (1.5e-3, [0.9, 0.98], 1e-6, 3.0)
     assert load_recipe("vitl14").student.patch_size == 14

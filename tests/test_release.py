@@ -1,5 +1,6 @@
-"""Released UTA checkpoints (shared/uta-release-format): key lists of all three sizes against the
-TSVs, RoPE test values, forwards against independent implementations of the spec's equations,
+"""Released UTA checkpoints (docs/release-format.md): key lists of all three sizes against the
+TSVs in tests/data/release_keys (written by tests/data/make_release_keys.py from the format's
+facts), RoPE test values, forwards against independent implementations of the format's equations,
 strict-load failures, and `uta zeroshot` / `uta convert` / `uta export` / student.init end to end.
 
 Full-size files: the base key set is allocated with random weights, torch.save'd and loaded
@@ -32,10 +33,8 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.models import release as R
 from uta_cli.models.student import UTAStudent, student_from_checkpoint
 
-SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "uta-release-format")
-if not os.path.isdir(SPEC):
-    SPEC = "/work/shared/uta-release-format"
-SIZES = {  # spec §3: image, patch, width, depth, heads, mlp hidden
+KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_keys")
+SIZES = {  # docs/release-format.md: image, patch, width, depth, heads, mlp hidden
     "uta_base_p16_224": (224, 16, 768, 12, 12, 2048),
     "uta_large_p14_336": (336, 14, 1024, 24, 16, 2730),
     "uta_giant_p14_336": (336, 14, 1408, 40, 16, 4096),
@@ -48,7 +47,7 @@ runner = CliRunner()
 
 def read_tsv(name: str) -> dict[str, tuple[tuple[int, ...], bool]]:
     rows = {}
-    with open(os.path.join(SPEC, f"{name}.tsv")) as f:
+    with open(os.path.join(KEYS, f"{name}.tsv")) as f:
         next(f)
         for line in f:
             key, shape, _dtype, persistent, _kind = line.rstrip("\n").split("\t")
@@ -133,8 +132,30 @@ def test_tsv_key_lists_map_strictly_onto_timm_eva_and_open_clip(name):
     assert {k: tuple(v.shape) for k, v in text.state_dict().items()} == text_keys
 
 
+def test_key_list_data_is_the_generator_output_and_matches_the_inventory():
+    """The TSVs in tests/data are what make_release_keys.py writes, and agree with the format's
+    inventory table (keys, RoPE copies, text keys, tensor elements)."""
+    sys.path.insert(0, os.path.dirname(KEYS))
+    try:
+        import make_release_keys
+    finally:
+        sys.path.pop(0)
+    inventory = {"uta_base_p16_224": (556, 262, 26, 293, 440_997_121),
+                 "uta_large_p14_336": (808, 514, 50, 293, 660_521_921),
+                 "uta_giant_p14_336": (1144, 850, 82, 293, 1_371_638_145)}
+    for name, (n_keys, n_visual, n_rope, n_text, n_elements) in inventory.items():
+        with open(os.path.join(KEYS, f"{name}.tsv")) as f:
+            assert f.read() == make_release_keys.tsv(name)
+        in_file = {k: s for k, (s, p) in read_tsv(name).items() if p}
+        assert len(in_file) == n_keys
+        assert sum(k.startswith("visual.") for k in in_file) == n_visual
+        assert sum(".rope." in k for k in in_file) == n_rope
+        assert sum(k.startswith("text.") for k in in_file) == n_text
+        assert sum(math.prod(s) for s in in_file.values()) == n_elements
+
+
 # ------------------------------------------------------------------------------------------ RoPE
-ROPE_VALUES = {  # spec §4: sum(cos), sum(sin), (row, col, table, value)...
+ROPE_VALUES = {  # docs/release-format.md, RoPE: sum(cos), sum(sin), (row, col, table, value)...
     "uta_base_p16_224": (9147.385821, 2097.197321,
                          [(16, 0, "cos", 0.414997), (16, 1, "cos", 0.414997),
                           (16, 32, "cos", -0.655556), (16, 33, "cos", -0.655556),
@@ -148,8 +169,9 @@ ROPE_VALUES = {  # spec §4: sum(cos), sum(sin), (row, col, table, value)...
 }
 
 
-def spec_rope(grid: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The formula written out element by element (spec §4), independent of the module."""
+def formula_rope(grid: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula written out element by element (docs/release-format.md, RoPE), independent
+    of the module."""
     d, nf = hd // 2, hd // 4
     omega = [1.0 / 10000 ** (2 * k / d) for k in range(nf)]
     t = [i / grid * 16 for i in range(grid)]
@@ -164,7 +186,7 @@ def spec_rope(grid: int, hd: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", list(SIZES))
-def test_rope_tables_equal_the_spec_test_values(name):
+def test_rope_tables_equal_the_format_check_values(name):
     image, patch, width, _, heads, _ = SIZES[name]
     grid, hd = image // patch, width // heads
     cos, sin = R.rope_tables(grid, hd)
@@ -175,7 +197,7 @@ def test_rope_tables_equal_the_spec_test_values(name):
     for row, col, table, value in points:
         assert (cos if table == "cos" else sin)[row, col].item() == pytest.approx(value, abs=1e-6)
     assert torch.all(cos[0] == 1) and torch.all(sin[0] == 0)
-    ref_cos, ref_sin = spec_rope(grid, hd)
+    ref_cos, ref_sin = formula_rope(grid, hd)
     assert torch.allclose(cos, ref_cos, atol=1e-5) and torch.allclose(sin, ref_sin, atol=1e-5)
     # timm's table (what the model actually uses) is the same: [sin | cos]
     timm_rope = RotaryEmbeddingCat(hd, in_pixels=False, feat_shape=[grid, grid],
@@ -194,15 +216,15 @@ def rotate(x, cos, sin):
     return x * cos + rot * sin
 
 
-def spec_vision(sd: dict, x: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
-    """Spec §3 steps 1-6, §4 rotation, §5... written from the equations."""
+def formula_vision(sd: dict, x: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
+    """docs/release-format.md, image tower steps 1-6 and the RoPE rotation, from the equations."""
     W, P, G, nh, hd = arch.width, arch.patch_size, arch.grid, arch.heads, arch.head_dim
     B = x.shape[0]
     y = F.conv2d(x, sd["visual.patch_embed.proj.weight"], sd["visual.patch_embed.proj.bias"],
                  stride=P)
     y = y.flatten(2).transpose(1, 2)  # patch p = r*G + c
     y = torch.cat([sd["visual.cls_token"].expand(B, 1, W), y], 1) + sd["visual.pos_embed"]
-    cos, sin = spec_rope(G, hd)
+    cos, sin = formula_rope(G, hd)
     for i in range(arch.depth):
         p = lambda n, i=i: sd[f"visual.blocks.{i}.{n}"]  # noqa: E731
         h = ln(y, p("norm1.weight"), p("norm1.bias"), 1e-6)
@@ -224,8 +246,9 @@ def spec_vision(sd: dict, x: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
     return y[:, 0] @ sd["visual.head.weight"].T + sd["visual.head.bias"]
 
 
-def spec_text(sd: dict, ids: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
-    """Spec §5: causal pre-LN transformer, ln_final, token at argmax(ids), x @ projection."""
+def formula_text(sd: dict, ids: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
+    """docs/release-format.md, text tower: causal pre-LN transformer, ln_final, the token at
+    argmax(ids), x @ projection."""
     B, L = ids.shape
     tw, nh = arch.text_width, arch.text_heads
     hd = tw // nh
@@ -246,20 +269,20 @@ def spec_text(sd: dict, ids: torch.Tensor, arch: R.ReleaseArch) -> torch.Tensor:
     return x[torch.arange(B), ids.argmax(-1)] @ sd["text.text_projection"]
 
 
-def test_vision_and_text_forwards_equal_the_spec_equations(tiny_file):
+def test_vision_and_text_forwards_equal_the_format_equations(tiny_file):
     sd = torch.load(tiny_file, weights_only=True)
     rel = R.load_release(tiny_file)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = rel.student.encode_image(x)
-        want = spec_vision(sd, x, TINY)
+        want = formula_vision(sd, x, TINY)
     assert got.shape == (2, 48)
     assert (got - want).abs().max().item() < 1e-5
     ids = rel.text_tower.tokenizer(["a photo of a dog.", "itap of a small red boat."])
     assert ids.shape == (2, 77) and ids.max().item() == 49407
     with torch.no_grad():
         got_t = rel.text_tower.clip.encode_text(ids)
-        want_t = spec_text(sd, ids, TINY)
+        want_t = formula_text(sd, ids, TINY)
     assert (got_t - want_t).abs().max().item() < 1e-5
     assert rel.meta["release"]["logit_scale"] == pytest.approx(4.6052)
 

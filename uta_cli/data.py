@@ -122,7 +122,7 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the short side, centre crop (the zero-shot protocol, UTA-METHOD.md §5)."""
+    """Resize the short side, centre crop (the zero-shot protocol, docs/method.md §6)."""
 
     def __init__(self, views: list[View]):
         self.views = views

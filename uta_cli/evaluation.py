@@ -1,6 +1,6 @@
 """Zero-shot evaluation of a UTA checkpoint, and of its teacher beside it (`uta zeroshot`).
 
-The student is scored through the recorded teacher's text tower (UTA-METHOD.md §5), on its own
+The student is scored through the recorded teacher's text tower (docs/method.md §6), on its own
 recorded preprocessing; with `teacher=True` the teacher is scored on its own preprocessing in the
 same pass over the data (one decode, two crops when the sizes differ).
 
@@ -451,8 +451,9 @@ class StudentEncoder:
     """The student's CLS embedding at the chosen precision.
 
     On CPU, bf16 casts the WEIGHTS: autocast re-casts every weight of a frozen model on every
-    call (its cast cache only keeps tensors that require grad), the pitfall DESIGN.md measured
-    on the teacher. On GPU, bf16 is autocast over fp32 weights (fp32 norms and softmax).
+    call (its cast cache only keeps tensors that require grad), the pitfall measured on the
+    teacher (models/teacher.py). On GPU, bf16 is autocast over fp32 weights (fp32 norms and
+    softmax).
     """
 
     def __init__(self, student: torch.nn.Module, device: torch.device, precision: str):

@@ -142,7 +142,7 @@ class ExportModule(nn.Module):
     """The exported graph: one `forward(images)` around the student.
 
     Every format wants a single-input module, and the legacy ONNX exporter fails on a bare timm Eva
-    (`is_causal` traced as a tensor) unless it is wrapped like this (DESIGN.md, ONNX pitfalls).
+    (`is_causal` traced as a tensor) unless it is wrapped like this.
     """
 
     def __init__(self, student: nn.Module, kind: str, classifier: torch.Tensor | None = None):

@@ -1,6 +1,6 @@
 """`uta finetune` end to end: recipe -> starting model, data -> task -> the one engine -> report.
 
-Two tasks, chosen by the recipe's `task` (UTA-METHOD.md §6):
+Two tasks, chosen by the recipe's `task` (docs/method.md §7):
 - classification: a backbone (a UTA student, a timm model or an open_clip image tower) with a
   linear head, or a head initialised from the teacher's text embeddings of the class names
   (`finetune.zeroshot_head`), so that training starts at the zero-shot accuracy;

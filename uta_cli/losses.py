@@ -1,4 +1,4 @@
-"""The UTA objective: token-wise cosine alignment with the teacher (UTA-METHOD.md §1)."""
+"""The UTA objective: token-wise cosine alignment with the teacher (docs/method.md §1, §3)."""
 
 from __future__ import annotations
 

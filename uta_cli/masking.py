@@ -2,7 +2,7 @@
 
 A mask is a bool array over the H*W patch grid in row-major order; True means the patch is MASKED,
 i.e. dropped before the student's first block. Only visible (False) tokens are aligned with the
-teacher, so for UTA the visible set is the one that matters (UTA-METHOD.md section 2).
+teacher, so for UTA the visible set is the one that matters (docs/method.md §4).
 
 What comes from where:
 - `random` is MAE's random masking: rank the positions by per-sample uniform noise and mask the

@@ -32,7 +32,7 @@ class DataConfig:
     num_workers: int = 4
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
-    # Student normalisation; the teacher always gets its own (UTA-METHOD.md §4).
+    # Student normalisation; the teacher always gets its own (docs/method.md §2).
     mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
     std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     # Tar shards have no length; give the number of samples in one pass for epoch-based schedules.
@@ -133,7 +133,7 @@ class FinetuneConfig:
     """`uta finetune` (task: classification or contrastive); `uta pretrain` ignores it.
 
     Hyper-parameter defaults are neutral (every regulariser off); the shipped recipes set the
-    EVA-02 template values (UTA-METHOD.md §6). Validation reads data.val_source (the held-out
+    EVA-02 template values (docs/method.md §7). Validation reads data.val_source (the held-out
     demo images for the demo), limited to data.val_samples images (0 = all of them).
     """
 

@@ -1,4 +1,4 @@
-"""Zero-shot classification and retrieval through a CLIP text tower (UTA-METHOD.md §5).
+"""Zero-shot classification and retrieval through a CLIP text tower (docs/method.md §6).
 
 Class weights: encode every template with the class name, L2-normalise each, average over
 templates, L2-normalise again. Logits = 100 * normalised image embedding @ class weights.

@@ -52,7 +52,7 @@ def zeroshot(
 
     Scores the student (and with --teacher the teacher itself, side by side): top-1, top-5,
     mean per-class recall; or image/text retrieval recall@1/5/10 (CLIP_benchmark's).
-    The protocol is UTA-METHOD.md §5: template-averaged normalised class weights, bicubic
+    The protocol (docs/method.md §6): template-averaged normalised class weights, bicubic
     resize of the short side and centre crop, logits = 100 x cosine. Launched on several
     processes (torchrun), each evaluates a disjoint shard and the results are gathered.
 

@@ -1,6 +1,6 @@
 """The authors' released UTA checkpoints (uta_{base_p16_224,large_p14_336,giant_p14_336}.pt).
 
-The format is specified in shared/uta-release-format/README.md: a torch.save'd flat mapping with
+The format is described in docs/release-format.md: a torch.save'd flat mapping with
 `visual.*` (an EVA-02-style ViT: separate q/k/v with q and v bias, SwiGLU with sub-LN, 2-D RoPE on
 a 16x16 reference grid, no inner attention LN), `text.*` (an open_clip TextTransformer with GELU)
 and `logit_scale`. The vision tower becomes a `UTAStudent` (timm `Eva` + head), the text tower the

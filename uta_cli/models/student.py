@@ -1,7 +1,7 @@
 """The UTA student: a timm ViT that runs on kept (visible) tokens only, plus a head to CLIP space.
 
 Masked tokens are dropped before the first block (no [MASK] token), which is where UTA's FLOP
-saving over masked image modelling comes from (UTA-METHOD.md §1, §3).
+saving over masked image modelling comes from (docs/method.md §1, §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The frozen CLIP teacher: per-token targets in the joint space (UTA-METHOD.md §1, §4).
+"""The frozen CLIP teacher: per-token targets in the joint space (docs/method.md §1, §2).
 
 open_clip never projects its token outputs, so the projection is applied here to every token:
 `tokens @ visual.proj` for native open_clip ViTs, and timm's head for timm-trunk towers (EVA02-*).
@@ -219,7 +219,7 @@ class CLIPTeacher:
     # -- execution -------------------------------------------------------------------------------
     def to(self, device: torch.device, precision: str) -> CLIPTeacher:
         """Move and cast. Low precision casts the WEIGHTS: autocast around a frozen open_clip
-        ViT on CPU re-copies the attention in-projection every call (3.4x slower, DESIGN.md)."""
+        ViT on CPU re-copies the attention in-projection every call (3.4x slower, measured)."""
         self.device = torch.device(device)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         if self.device.type == "cpu" and self.dtype == torch.float16:

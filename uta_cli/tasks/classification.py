@@ -1,4 +1,4 @@
-"""Classification fine-tuning (UTA-METHOD.md §6, the EVA-02 template): a backbone and a head,
+"""Classification fine-tuning (docs/method.md §7, the EVA-02 template): a backbone and a head,
 trained with layer-wise lr decay, label smoothing, RandAugment, mixup/cutmix and a model EMA.
 
 Every random choice stays a pure function of (seed, epoch, sample id) or of the batch's sample

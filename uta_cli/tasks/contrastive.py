@@ -2,7 +2,7 @@
 
 - The demo teacher (`uta_cli.demo`): an open_clip CLIP trained from scratch on the demo captions.
 - Contrastive tuning (`uta finetune`, task: contrastive): the UTA student as the image tower of a
-  copy of its teacher's CLIP, with the teacher's text tower tuned or locked (UTA-METHOD.md §6).
+  copy of its teacher's CLIP, with the teacher's text tower tuned or locked (docs/method.md §7).
   `uta_clip` builds that model; `tuned_clip_from_checkpoint` reads its checkpoints back.
 
 Features are gathered across processes with gradients (open_clip's ClipLoss), so N processes
