@@ -124,18 +124,66 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
     size = size[0] if isinstance(size, (tuple, list)) else size
     identity = TeacherIdentity(
         model=model, weights=weights, weights_fingerprint=fingerprint,
-        embed_dim=int(_embed_dim(clip)), image_size=int(size),
+        embed_dim=int(_embed_dim(clip, model_cfg)), image_size=int(size),
         mean=[float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
         std=[float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
         interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg)
     return clip, identity
 
 
-def _embed_dim(clip: nn.Module) -> int:
-    if hasattr(clip, "text_projection") and clip.text_projection is not None:
-        proj = clip.text_projection
+def _embed_dim(clip: nn.Module, model_cfg: dict | None = None) -> int:
+    """The joint-space width: the config's embed_dim (every open_clip config has one), else the
+    text projection's output width (CLIP keeps it on the model, CustomTextCLIP on `text`)."""
+    if model_cfg and model_cfg.get("embed_dim"):
+        return int(model_cfg["embed_dim"])
+    text = getattr(clip, "text", clip)
+    proj = getattr(text, "text_projection", None)
+    if proj is not None:
         return proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
     return clip.visual.output_dim
+
+
+def token_tower_problem(visual: nn.Module) -> str:
+    """Why an open_clip image tower cannot give UTA's per-token targets ('' when it can).
+
+    UTA aligns a CLS token (the image embedding) and patch tokens; a tower qualifies when its
+    image embedding IS its CLS token after the last block. Attention-pool (SigLIP's `map`,
+    CoCa), mean-pool and convolutional towers have no such token: refused rather than given
+    targets of our own invention.
+    """
+    if isinstance(visual, OpenClipViT):
+        if visual.attn_pool is not None:
+            return "its image embedding is an attention pool over the tokens, not a CLS token"
+        if visual.pool_type != "tok":
+            return f"its image embedding is '{visual.pool_type}' pooling, not a CLS token"
+        return ""
+    if isinstance(visual, TimmModel):
+        trunk = visual.trunk
+        if not hasattr(trunk, "patch_embed") or not hasattr(trunk, "num_prefix_tokens"):
+            return (f"its timm trunk {type(trunk).__name__} is not a ViT: it has no patch "
+                    f"tokens (a convolutional or hierarchical network)")
+        if "pool" in visual.head._modules or getattr(trunk, "attn_pool", None) is not None:
+            return "its image embedding is an attention pool over the tokens, not a CLS token"
+        if trunk.num_prefix_tokens < 1 or getattr(trunk, "global_pool", "") != "token":
+            return (f"its image embedding is '{getattr(trunk, 'global_pool', '')}' pooling of "
+                    f"the tokens, not a CLS token")
+        return ""
+    return (f"its image tower is a {type(visual).__name__} (a convolutional network) with no "
+            f"patch tokens")
+
+
+def teacher_tokenizer(model: str):
+    """open_clip's tokenizer for the model; Hugging Face tokenizers (SigLIP, multilingual
+    CLIPs) need `transformers` and the tokenizer files, which offline is a usage error."""
+    try:
+        return open_clip.get_tokenizer(model)
+    except ImportError as e:
+        raise UtaUsageError(f"The tokenizer of teacher '{model}' needs the Python package "
+                            f"`transformers` ({e}). pip install transformers.") from None
+    except OSError as e:  # Hugging Face: files not in the local cache and no network
+        raise UtaUsageError(f"The tokenizer files of teacher '{model}' are not available "
+                            f"offline ({str(e).splitlines()[0]}). Download them once with "
+                            f"network (they are cached in ~/.cache/huggingface).") from None
 
 
 class CLIPTeacher:
@@ -146,24 +194,18 @@ class CLIPTeacher:
     """
 
     def __init__(self, clip: nn.Module, identity: TeacherIdentity):
+        problem = token_tower_problem(clip.visual)
+        if problem:
+            raise UtaUsageError(
+                f"Teacher '{identity.model}' cannot be a UTA teacher: {problem}. UTA needs a "
+                f"ViT whose CLS token is the image embedding: an open_clip ViT-* (CLIP) or "
+                f"EVA02-* / EVA01-* (EVA-CLIP) model.")
         self.clip = clip.eval().requires_grad_(False)
         # The text tower and tokenizer give the zero-shot classifier (zeroshot.py).
-        self.tokenizer = open_clip.get_tokenizer(identity.model)
+        self.tokenizer = teacher_tokenizer(identity.model)
         self.identity = identity
         self.visual = clip.visual
-        if isinstance(self.visual, OpenClipViT):
-            if self.visual.attn_pool is not None or self.visual.pool_type == "none":
-                raise UtaUsageError("Teachers with attentional pooling or no pooling (CoCa-style "
-                                    "towers) have no per-token targets; use a CLIP ViT.")
-            self.kind = "native"
-        elif isinstance(self.visual, TimmModel):
-            if "pool" in self.visual.head._modules:
-                raise UtaUsageError("timm-tower teachers with an attention-pool head have no "
-                                    "per-token targets; use a CLIP ViT or an EVA02 model.")
-            self.kind = "timm"
-        else:
-            raise UtaUsageError(f"Unsupported teacher vision tower {type(self.visual).__name__}; "
-                                f"UTA needs a ViT tower (open_clip ViT-* or EVA02-*).")
+        self.kind = "native" if isinstance(self.visual, OpenClipViT) else "timm"
         self.embed_dim = identity.embed_dim
         # Set when the text tower's weights are not the teacher's own (a contrastive-tuning
         # checkpoint's): the classifier cache keys on it, as the identity cannot tell them apart.
@@ -245,11 +287,10 @@ class CLIPTeacher:
                     patches = v.ln_post(patches)
                 cls, patches = pooled @ v.proj, patches @ v.proj
             else:
-                trunk, head = self.visual.trunk, self.visual.head
-                feats = trunk.forward_features(images)
-                cls = head(trunk.forward_head(feats))
-                patches = feats[:, trunk.num_prefix_tokens:]
-                patches = head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
+                trunk = self.visual.trunk
+                feats = trunk.forward_features(images)  # ends with the trunk's final norm
+                cls = self.visual.head(trunk.forward_head(feats))  # = encode_image
+                patches = self.project_timm_tokens(feats[:, trunk.num_prefix_tokens:])
         patches = patches.float()
         if self.token_resample is not None:
             b, n, e = patches.shape
@@ -259,6 +300,13 @@ class CLIPTeacher:
                                  align_corners=False, antialias=True)
             patches = grid.flatten(2).transpose(1, 2)
         return torch.cat([cls.float().unsqueeze(1), patches], dim=1)
+
+    def project_timm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Last-layer trunk tokens (B, N, C) -> joint space through the maps the CLS token takes
+        after pooling: the trunk's fc_norm, its head (open_clip sizes it to embed_dim when the
+        tower has no projection of its own, as EVA02-*) and the tower's projection head."""
+        trunk = self.visual.trunk
+        return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(tokens))))
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

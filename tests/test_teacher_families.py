@@ -1,0 +1,155 @@
+"""Every open_clip image-tower family as a UTA teacher, or a named refusal (exit 2).
+
+EVA-CLIP (open_clip EVA02-*: CustomTextCLIP + timm Eva trunk) is built at random init: EVA02-B-16
+at its real size, EVA02-L-14 shrunk to 2 narrow blocks of the same trunk (tests/eva_teachers.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import timm
+import torch
+from conftest import write_clip_folder
+from eva_teachers import SHRUNK_NAMES, shrunk_teacher_folder, write_open_clip_folder
+
+from uta_cli.errors import UtaUsageError
+from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, load_teacher, teacher_tokenizer
+
+
+def _teacher(clip, model: str) -> CLIPTeacher:
+    cfg = open_clip.get_model_config(model)
+    ident = TeacherIdentity(model=model, weights="", weights_fingerprint="",
+                            embed_dim=cfg["embed_dim"], image_size=224,
+                            mean=list(open_clip.OPENAI_DATASET_MEAN),
+                            std=list(open_clip.OPENAI_DATASET_STD), interpolation="bicubic",
+                            model_cfg=cfg)
+    return CLIPTeacher(clip, ident)
+
+
+@pytest.fixture(scope="module")
+def eva02_b16():
+    torch.manual_seed(0)
+    return _teacher(open_clip.create_model("EVA02-B-16"), "EVA02-B-16")
+
+
+def test_eva02_b16_cls_target_is_encode_image_and_patches_take_the_same_maps(eva02_b16):
+    t = eva02_b16
+    assert t.kind == "timm" and t.embed_dim == 512 and t.grid_size == (14, 14)
+    x = torch.randn(2, 3, 224, 224)
+    seen = {}  # the trunk's last-layer tokens after its final norm (end of forward_features)
+    hook = t.visual.trunk.norm.register_forward_hook(lambda m, i, o: seen.update(feats=o))
+    out = t.tokens(x)
+    hook.remove()
+    assert out.shape == (2, 1 + 196, 512)
+    ref = t.clip.encode_image(x)
+    torch.testing.assert_close(out[:, 0], ref, rtol=1e-5, atol=1e-5)
+    # The patch maps, applied to the CLS token itself, give encode_image: patches and CLS share
+    # the trunk's final norm, its head and the tower's projection.
+    with torch.no_grad():
+        torch.testing.assert_close(t.project_timm_tokens(seen["feats"][:, :1])[:, 0], ref,
+                                   rtol=1e-5, atol=1e-5)
+    # different images give different patch targets (nothing constant slipped through)
+    assert (out[0, 1:] - out[1, 1:]).abs().mean() > 0.1 * out[:, 1:].abs().mean()
+
+
+def test_native_vit_cls_target_is_encode_image_at_real_structure():
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 48, "layers": 2, "width": 96,
+                                           "head_width": 32, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 1,
+                        "layers": 1}}
+    torch.manual_seed(0)
+    t = _teacher(open_clip.CLIP(**cfg), "ViT-B-16")
+    assert t.kind == "native"
+    x = torch.randn(3, 3, 48, 48)
+    torch.testing.assert_close(t.tokens(x)[:, 0], t.clip.encode_image(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eva02_l14_dir(tmp_path_factory):
+    return shrunk_teacher_folder(tmp_path_factory.mktemp("eva02_l14"), "EVA02-L-14")
+
+
+def test_eva02_p14_teacher_resized_to_a_p16_student_grid(eva02_l14_dir):
+    t = load_teacher(f"local-dir:{eva02_l14_dir}", "")
+    assert t.kind == "timm" and t.patch_size == 14 and t.grid_size == (16, 16)
+    note = t.match_grid((14, 14), "resize")  # vitb16: 224 px / 16 = 14x14
+    assert t.image_size == 196 and t.grid_size == (14, 14) and "196px" in note
+    x = torch.randn(2, 3, 196, 196)
+    out = t.tokens(x)
+    assert out.shape == (2, 1 + 196, 768)
+    torch.testing.assert_close(out[:, 0], t.clip.encode_image(x), rtol=1e-5, atol=1e-5)
+    # Reference: the same timm trunk built for 196 px from the start, with the resized weights,
+    # gives the same features: RoPE and the position embedding follow the new grid.
+    ref = timm.create_model(SHRUNK_NAMES["eva02_large_patch14_clip_224"], img_size=196,
+                            num_classes=768)
+    ref.load_state_dict(t.visual.trunk.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(t.visual.trunk.forward_features(x), ref.forward_features(x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_eva02_p14_teacher_interpolated_to_a_p16_student_grid(eva02_l14_dir):
+    t = load_teacher(f"local-dir:{eva02_l14_dir}", "")
+    t.match_grid((14, 14), "interpolate")
+    assert t.image_size == 224
+    x = torch.randn(2, 3, 224, 224)
+    out = t.tokens(x)
+    assert out.shape == (2, 1 + 196, 768)
+    torch.testing.assert_close(out[:, 0], t.clip.encode_image(x), rtol=1e-5, atol=1e-5)
+
+
+def _tiny_text():
+    return {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}
+
+
+# Same tower structure as the open_clip family, tiny: name -> open_clip model_cfg
+REFUSED = {
+    "RN50": {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1],
+                                             "width": 16}, "text_cfg": _tiny_text()},
+    "convnext_base": {"embed_dim": 32, "vision_cfg": {
+        "image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "",
+        "timm_proj": "linear"}, "text_cfg": _tiny_text()},
+    "ViT-bigG-14-CLIPA": {"embed_dim": 32, "vision_cfg": {
+        "image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+        "pool_type": "avg", "no_ln_pre": True}, "text_cfg": _tiny_text()},
+    "ViT-B-16-SigLIP": {"embed_dim": 32, "vision_cfg": {
+        "image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map",
+        "timm_proj": "none"}, "text_cfg": _tiny_text()},
+}
+
+
+@pytest.mark.parametrize("family", sorted(REFUSED))
+def test_towers_without_a_cls_token_are_refused_by_name(tmp_path, family):
+    cfg = copy.deepcopy(REFUSED[family])
+    if family == "ViT-B-16-SigLIP":  # SigLIP's trunk, one narrow block
+        cfg["vision_cfg"]["timm_model_name"] = SHRUNK_NAMES["vit_base_patch16_siglip_224"]
+    folder = write_clip_folder(tmp_path / family, cfg) if "timm_model_name" not in \
+        cfg["vision_cfg"] else write_open_clip_folder(tmp_path / family, cfg)
+    with pytest.raises(UtaUsageError, match=f"local-dir:{folder}' cannot be a UTA teacher"):
+        load_teacher(f"local-dir:{folder}", "")
+
+
+def test_refused_teacher_is_exit_2_naming_it_without_traceback(tmp_path):
+    folder = write_clip_folder(tmp_path / "rn", REFUSED["RN50"])
+    out = subprocess.run([sys.executable, "-m", "uta_cli", "pretrain", "demo", "--output-dir",
+                          str(tmp_path / "run"), "--set", f"teacher.model=local-dir:{folder}",
+                          "--set", "teacher.weights=", "--set", "data.source=demo"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text
+    assert f"local-dir:{folder}" in text.replace("\n", "") and "ModifiedResNet" in text
+
+
+def test_hugging_face_tokenizer_offline_is_a_usage_error_naming_what_is_missing():
+    # SigLIP's tokenizer comes from Hugging Face: without `transformers`, or offline without
+    # the files in the cache, the teacher cannot tokenize class names.
+    with pytest.raises(UtaUsageError, match="ViT-B-16-SigLIP.*(transformers|offline)"):
+        teacher_tokenizer("ViT-B-16-SigLIP")
