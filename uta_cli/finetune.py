@@ -48,7 +48,13 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.models import release
 from uta_cli.models.release import ReleasedModel
 from uta_cli.models.student import UTAStudent
-from uta_cli.models.teacher import CLIPTeacher, load_clip, load_teacher, teacher_from_meta
+from uta_cli.models.teacher import (
+    CLIPTeacher,
+    load_clip,
+    load_teacher,
+    teacher_from_meta,
+    teacher_tokenizer,
+)
 from uta_cli.pretrain import engine_config
 from uta_cli.recipe import Recipe, StudentConfig, save_recipe
 from uta_cli.tasks.classification import (
@@ -453,13 +459,11 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
         backbone_meta = {"kind": "timm", "model": start.location,
                          "timm_kwargs": recipe.student.timm_kwargs}
     elif start.kind == "open_clip":
-        import open_clip
-
         clip, identity = _open_clip_init(recipe, start, acc, say)
         backbone, width, proj = clip.visual, identity.embed_dim, nn.Identity()
         view = View("image", identity.image_size, tuple(identity.mean), tuple(identity.std),
                     identity.interpolation)
-        text = (clip, open_clip.get_tokenizer(identity.model), identity, True)
+        text = (clip, teacher_tokenizer(identity.model), identity, True)
         teacher_identity = identity.to_dict()
         backbone_meta = {"kind": "open_clip", "open_clip": identity.to_dict()}
     else:  # a UTA student: pre-trained, contrastively tuned, or random
