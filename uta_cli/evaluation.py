@@ -57,7 +57,9 @@ from uta_cli.datasets import (
 from uta_cli.errors import UtaUsageError
 from uta_cli.zeroshot import (
     RECALL_KS,
+    TEXT_CONTEXTS,
     Predictions,
+    TextEncoder,
     assemble_classifier,
     class_batches,
     classification_metrics,
@@ -122,6 +124,7 @@ class ZeroShotOptions:
     cache_dir: str = ""  # "" = <uta cache>/classifiers; "none" = never cache
     texts_per_batch: int = 1024
     ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
+    text_context: str = "trimmed"  # trimmed | full: zeroshot.TextEncoder
 
 
 def check_options(opts: ZeroShotOptions) -> None:
@@ -132,6 +135,9 @@ def check_options(opts: ZeroShotOptions) -> None:
                             f"{', '.join(PRECISIONS)}.")
     if opts.batch_size < 1 or opts.workers < 0 or opts.texts_per_batch < 1:
         raise UtaUsageError("--batch-size must be at least 1 and --workers at least 0.")
+    if opts.text_context not in TEXT_CONTEXTS:
+        raise UtaUsageError(f"--text-context {opts.text_context!r} is not one of: "
+                            f"{', '.join(TEXT_CONTEXTS)}.")
     if opts.task == "retrieval" and (opts.templates or opts.classnames):
         raise UtaUsageError("--templates and --classnames apply to --task classification; "
                             "retrieval scores the captions themselves.")
@@ -473,17 +479,12 @@ class StudentEncoder:
             return self.student.encode_image(images).float()
 
 
-def text_encoder(teacher: CLIPTeacher) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The teacher's text tower at the teacher's precision (weights cast by CLIPTeacher.to)."""
-
-    def encode(tokens: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=teacher.dtype) \
-            if teacher.device.type == "cuda" and teacher.dtype != torch.float32 \
-            else contextlib.nullcontext()
-        with ctx:
-            return teacher.clip.encode_text(tokens.to(teacher.device)).float()
-
-    return encode
+def text_encoder(teacher: CLIPTeacher, context: str = "trimmed") -> TextEncoder:
+    """The teacher's text tower at the teacher's precision (weights cast by CLIPTeacher.to),
+    trimmed to each batch's longest prompt where that is exact (zeroshot.TextEncoder)."""
+    autocast = (lambda: torch.autocast("cuda", dtype=teacher.dtype)) \
+        if teacher.device.type == "cuda" and teacher.dtype != torch.float32 else None
+    return TextEncoder(teacher.clip, context, teacher.device, autocast)
 
 
 @dataclass
@@ -620,14 +621,16 @@ def shard_loader(evalset: EvalSet, transform, rank: int, world: int, batch_size:
 
 def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: list[str],
                       device: torch.device, cache_dir: str, state: PartialState,
-                      texts_per_batch: int, console: Console) -> tuple[torch.Tensor, dict]:
+                      texts_per_batch: int, console: Console,
+                      text_context: str = "trimmed") -> tuple[torch.Tensor, dict]:
     """Load the class weights from the disk cache, or build them (split over the processes by
     whole class batches) and cache them. Every process ends with the same tensor."""
     from accelerate.utils import broadcast_object_list, gather_object
 
+    encode = text_encoder(teacher, text_context)
     key = classifier_cache_key(teacher.identity.to_dict(), classnames, templates,
                                str(teacher.dtype).replace("torch.", ""),
-                               teacher.text_fingerprint)
+                               teacher.text_fingerprint, encode.context)
     path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else ""
     t0 = time.perf_counter()
     cached = [None]
@@ -636,22 +639,26 @@ def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: li
     broadcast_object_list(cached)
     if cached[0] is not None:
         return cached[0].to(device), {"cache": "hit", "path": path,
-                                      "seconds": round(time.perf_counter() - t0, 3)}
+                                      "seconds": round(time.perf_counter() - t0, 3),
+                                      "text_context": encode.context,
+                                      "text_context_note": encode.note}
     mine = class_batches(len(classnames), len(templates),
                          texts_per_batch)[state.process_index::state.num_processes]
     with progress_bar(console, state.is_main_process and len(mine) > 1,
                       sum(e - s for s, e in mine),
                       f"class weights ({len(classnames)} x {len(templates)} prompts)") as adv:
-        part = classifier_part(text_encoder(teacher), teacher.tokenizer, classnames, templates,
+        part = classifier_part(encode, teacher.tokenizer, classnames, templates,
                                device, texts_per_batch, state.process_index,
                                state.num_processes, progress=adv)
     classifier = assemble_classifier(gather_object([part]))
     info = {"cache": "built" if cache_dir else "off", "path": path,
-            "seconds": round(time.perf_counter() - t0, 3)}
+            "seconds": round(time.perf_counter() - t0, 3), "text_context": encode.context,
+            "text_context_note": encode.note}
     if state.is_main_process and cache_dir:
         save_cached_classifier(cache_dir, key, classifier, {
             "teacher": teacher.identity.model, "classes": len(classnames),
-            "templates": len(templates), "dtype": str(teacher.dtype)})
+            "templates": len(templates), "dtype": str(teacher.dtype),
+            "text_context": encode.context})
     return classifier.to(device), info
 
 
@@ -699,7 +706,7 @@ def _cat_long(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def retrieval_shard(loader, total: int | None, encoders: list[Encoder],
                     captions: list[list[str]], device: torch.device, texts_per_batch: int,
-                    console: Console, main: bool) -> dict:
+                    console: Console, main: bool, text_context: str = "trimmed") -> dict:
     """Normalised embeddings of this process's images and of their captions, per encoder (each
     through its own text tower; encoders sharing one share the text embeddings)."""
     ids, embs = [], {e.role: [] for e in encoders}
@@ -729,7 +736,7 @@ def retrieval_shard(loader, total: int | None, encoders: list[Encoder],
         by_tower: dict[int, torch.Tensor] = {}
         for e in encoders:
             if id(e.text) not in by_tower:
-                encode = text_encoder(e.text)
+                encode = text_encoder(e.text, text_context)
                 chunks = [F.normalize(encode(e.text.tokenizer(texts[s:s + texts_per_batch])),
                                       dim=-1).cpu() for s in range(0, len(texts), texts_per_batch)]
                 by_tower[id(e.text)] = torch.cat(chunks) if chunks else \
@@ -770,6 +777,11 @@ def merge_retrieval(parts: list[dict], roles: list[str]) -> dict:
         out[role] = {**retrieval_metrics(image_emb, text_emb, text_row),
                      "num_samples": len(image_ids), "num_texts": len(text_emb)}
     return out
+
+
+def _text_context_report(tower: CLIPTeacher, requested: str) -> dict:
+    encode = text_encoder(tower, requested)
+    return {"requested": requested, "used": encode.context, "note": encode.note}
 
 
 def _versions() -> dict:
@@ -840,14 +852,14 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
             if id(e.text) not in built:
                 built[id(e.text)] = obtain_classifier(
                     e.text, evalset.classnames, templates, device, cache_dir, state,
-                    opts.texts_per_batch, console)
+                    opts.texts_per_batch, console, opts.text_context)
         classifier_info = built[id(encoders[0].text)][1]
         payload = classify_shard(loader, total, encoders,
                                  {e.role: built[id(e.text)][0] for e in encoders}, device,
                                  console, main)
     else:
         payload = retrieval_shard(loader, total, encoders, evalset.captions, device,
-                                  opts.texts_per_batch, console, main)
+                                  opts.texts_per_batch, console, main, opts.text_context)
     parts = gather_object([payload])
     errors = [p["error"] for p in parts if p["error"]]
     if errors:
@@ -888,6 +900,7 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                        "student": meta["student"], "uta_version": meta.get("uta_version")},
         "teacher": {k: v for k, v in ident.to_dict().items()},
         "precision": precision, "precision_requested": opts.precision,
+        "text_context": _text_context_report(encoders[0].text, opts.text_context),
         "device": device.type, "world_size": state.num_processes,
         "versions": _versions(),
         "timing": {"total_s": round(time.perf_counter() - t_start, 3),
@@ -954,6 +967,8 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
                   + (f" x {r['world_size']}" if r["world_size"] > 1 else "")
                   + f", {r['timing']['images_per_s']:.1f} images/s"
                   + (f", class weights {r['classifier']['cache']}" if "classifier" in r else "")
+                  + (f", text context {r['text_context']['used']}" if "text_context" in r
+                     else "")
                   + "[/dim]", highlight=False)
 
 

@@ -12,6 +12,7 @@ process would have computed. Datasets, models and the command live in `evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,6 +89,119 @@ def resolve_templates(spec: str) -> tuple[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
+# text encoding, trimmed to the prompts' length
+
+TEXT_CONTEXTS = ("trimmed", "full")
+# Prompts per text forward when trimming: sorted by length, so a forward's padding is small.
+TRIMMED_TEXTS_PER_FORWARD = 256
+
+
+def causal_text_tower(clip: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
+    """The module holding `clip`'s text transformer if trimming it cannot change its output,
+    else None and the reason.
+
+    Trimming is exact when attention is causal (position i sees positions <= i only) and the
+    embedding is read at the end-of-text token: positions after the longest prompt of a batch
+    never reach it. That holds for open_clip `CLIP` (and the released UTA text towers, laid out
+    like it) and `CustomTextCLIP` with a `TextTransformer` (EVA02-*), with argmax or eos pooling
+    and no appended class token. Bidirectional towers, first/last-token pooling (SigLIP, CoCa)
+    and Hugging Face towers need the full context.
+    """
+    from open_clip.transformer import TextTransformer, Transformer
+
+    tower = getattr(clip, "text", None)
+    if tower is None:  # CLIP-like: the text modules are attributes of the model itself
+        tower = clip
+        pool = getattr(clip, "text_pool_type", None)
+        if pool is None and hasattr(clip, "transformer"):
+            pool = "argmax"  # open_clip releases before pool types existed
+        cls_emb = None
+    elif isinstance(tower, TextTransformer):
+        pool, cls_emb = tower.pool_type, tower.cls_emb
+    else:
+        return None, f"{type(tower).__name__} text tower (not an open_clip TextTransformer)"
+    if not all(isinstance(getattr(tower, a, None), m) for a, m in (
+            ("token_embedding", torch.nn.Embedding), ("transformer", Transformer))):
+        return None, f"{type(clip).__name__} has no open_clip text transformer"
+    if cls_emb is not None:
+        return None, "the text tower appends a class token (CoCa-style)"
+    if pool not in ("argmax", "eos"):
+        return None, f"the text tower pools the '{pool}' token, not the end-of-text token"
+    mask = getattr(tower, "attn_mask", None)
+    if mask is None:
+        return None, "the text tower attends bidirectionally (no causal mask)"
+    n = mask.shape[-1]
+    future = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.shape != (n, n) or not torch.equal(torch.isneginf(mask), future) or \
+            bool(mask[~future].any()):
+        return None, "the text tower's attention mask is not causal"
+    return tower, "causal attention, end-of-text pooling"
+
+
+class TextEncoder:
+    """Token ids (B, context) -> fp32 text embeddings through a CLIP's text tower, as its
+    `encode_text` computes them.
+
+    context 'trimmed' (where `causal_text_tower` allows it) runs each batch only up to its
+    longest prompt: the positional embedding and the causal mask are sliced with the sequence.
+    ImageNet prompts end by about token 20 of 77, so this is several times less work; the
+    result equals the full-context one up to float rounding (~1e-6). 'full' calls
+    `encode_text` over the whole context, bit for bit what reference tools compute.
+    autocast: a context-manager factory the forward runs in (mixed precision on GPUs).
+    """
+
+    def __init__(self, clip: torch.nn.Module, context: str = "trimmed",
+                 device: torch.device | str | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+        if context not in TEXT_CONTEXTS:
+            raise UtaUsageError(f"Unknown text context {context!r}: use trimmed (each batch "
+                                f"only as long as its longest prompt) or full (the whole "
+                                f"context, for bit-parity with reference tools).")
+        self.clip, self.device, self.autocast = clip, device, autocast
+        tower, why = causal_text_tower(clip) if context == "trimmed" else (None, "")
+        self.tower = tower
+        self.context = "trimmed" if tower is not None else "full"
+        self.note = (f"trimmed to each batch's longest prompt ({why})" if tower is not None
+                     else "full context, as requested" if context == "full"
+                     else f"full context: {why}")
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) the position each prompt's embedding is read at (its end-of-text token)."""
+        t = self.tower
+        if getattr(t, "pool_type", getattr(t, "text_pool_type", "argmax")) == "eos":
+            eos = getattr(t, "eos_id", getattr(t, "text_eos_id", None))
+            return (tokens == eos).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)  # the end-of-text id is the largest in CLIP's vocabulary
+
+    def lengths(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(B,) positions each prompt needs, or None when this encoder runs the full context."""
+        return None if self.tower is None else self.pool_index(tokens) + 1
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.device is not None:
+            tokens = tokens.to(self.device)
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            if self.tower is None:
+                return self.clip.encode_text(tokens).float()
+            return self._trimmed(tokens).float()
+
+    def _trimmed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # open_clip's CLIP.encode_text / TextTransformer.forward on tokens[:, :n]
+        t = self.tower
+        idx = self.pool_index(tokens)
+        n = int(idx.max()) + 1
+        cast_dtype = t.transformer.get_cast_dtype()
+        x = t.token_embedding(tokens[:, :n]).to(cast_dtype)
+        x = x + t.positional_embedding[:n].to(cast_dtype)
+        x = t.transformer(x, attn_mask=t.attn_mask[:n, :n])
+        x = t.ln_final(x[torch.arange(len(x), device=x.device), idx])  # per token: pool first
+        proj = t.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+# --------------------------------------------------------------------------------------------
 # the classifier
 
 
@@ -99,12 +213,29 @@ def class_batches(num_classes: int, num_templates: int,
 
 
 @torch.no_grad()
+def encode_texts(encode_text: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """(len(tokens), embed_dim) fp32 embeddings in the order given. A trimming TextEncoder gets
+    the prompts sorted by length, in forwards of TRIMMED_TEXTS_PER_FORWARD, so each forward is
+    only as long as its own longest prompt; anything else gets them all in one forward."""
+    lengths = encode_text.lengths(tokens) if isinstance(encode_text, TextEncoder) else None
+    if lengths is None:
+        return encode_text(tokens.to(device)).float()
+    order = lengths.argsort(stable=True)
+    parts = [encode_text(tokens[order[s:s + TRIMMED_TEXTS_PER_FORWARD]].to(device)).float()
+             for s in range(0, len(order), TRIMMED_TEXTS_PER_FORWARD)]
+    emb = parts[0].new_empty((len(order), parts[0].shape[1]))
+    emb[order.to(emb.device)] = torch.cat(parts)
+    return emb
+
+
+@torch.no_grad()
 def encode_classes(encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer,
                    classnames: Sequence[str], templates: Sequence,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """(len(classnames), embed_dim): template-averaged, normalised class embeddings."""
     texts = [render_template(t, c) for c in classnames for t in templates]
-    emb = encode_text(tokenizer(texts).to(device)).float()
+    emb = encode_texts(encode_text, tokenizer(texts), device)
     emb = F.normalize(emb, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1)
 
@@ -149,11 +280,13 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokeni
 
 
 def classifier_cache_key(teacher: dict, classnames: Sequence[str], templates: Sequence,
-                         text_dtype: str, tuned_text: str = "") -> str:
-    """What the class weights depend on: the text tower's weights and config, the prompts, and
-    the dtype it ran in. The teacher's path is left out, so a moved teacher still hits.
+                         text_dtype: str, tuned_text: str = "",
+                         text_context: str = "full") -> str:
+    """What the class weights depend on: the text tower's weights and config, the prompts, the
+    dtype it ran in and the text context it ran over (TextEncoder.context: the one used, not
+    the one asked for). The teacher's path is left out, so a moved teacher still hits.
     tuned_text: the fingerprint of tuned text weights that replaced the teacher's own."""
-    payload = {"v": CLASSIFIER_CACHE_VERSION,
+    payload = {"v": CLASSIFIER_CACHE_VERSION, "text_context": text_context,
                "weights": teacher.get("weights_fingerprint", ""),
                "model": "local-dir" if str(teacher.get("model", "")).startswith("local-dir:")
                else teacher.get("model", ""),

@@ -47,6 +47,11 @@ def zeroshot(
     cache_dir: str = typer.Option("", "--cache-dir", help="Where class weights are cached "
                                   "(default: ~/.cache/uta/classifiers or $UTA_CACHE_DIR/"
                                   "classifiers); 'none' to never cache."),
+    text_context: str = typer.Option("trimmed", "--text-context", help="trimmed: run each "
+                                     "text batch only up to its longest prompt (exact for "
+                                     "causal, end-of-text pooled CLIP text towers; others use "
+                                     "the full context); full: the whole context, bit for bit "
+                                     "what reference tools compute."),
 ) -> None:
     """Zero-shot classification or retrieval through the teacher's text tower.
 
@@ -91,7 +96,8 @@ def zeroshot(
             ckpt=ckpt, dataset=dataset, data_dir=data_dir, classnames=classnames,
             templates=templates, task=task, teacher=teacher, teacher_weights=teacher_weights,
             batch_size=batch_size, workers=default_workers() if workers < 0 else workers,
-            precision=precision, cache_dir=cache_dir, ckpt_format=ckpt_format)
+            precision=precision, cache_dir=cache_dir, ckpt_format=ckpt_format,
+            text_context=text_context)
         from rich.console import Console
 
         console = Console()
