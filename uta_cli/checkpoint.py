@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uta_cli.errors import UtaUsageError
@@ -88,55 +90,110 @@ def commit(ckpt_root: str, tmp: str, step: int, keep: int) -> str:
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint folder of a run directory, or None."""
+    """The checkpoint that RUN/checkpoints/latest names, or None when the run has none.
+
+    Only `latest` is trusted: it is written after its checkpoint is complete, so a step folder it
+    does not name may be one that a crash cut short. A pointer to a folder that is not there, and
+    step folders without any pointer, are errors that say how to go on.
+    """
     root = os.path.join(run_dir, "checkpoints")
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        if name and os.path.isfile(os.path.join(root, name, "meta.json")):
-            return os.path.join(root, name)
-    # Pointer missing (e.g. copied without it): fall back to the newest complete folder.
-    if os.path.isdir(root):
-        done = sorted(d for d in os.listdir(root)
-                      if d.startswith("step_") and os.path.isfile(os.path.join(root, d,
-                                                                               "meta.json")))
-        if done:
-            return os.path.join(root, done[-1])
+        try:
+            with open(pointer) as f:
+                name = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UtaUsageError(f"{pointer} cannot be read ({e}). Delete it and pass --resume "
+                                f"with a checkpoints/step_* folder, or --resume never.") from None
+        folder = os.path.join(root, name)
+        if not name.startswith("step_") or "/" in name or not os.path.isdir(folder):
+            raise UtaUsageError(
+                f"{pointer} names {name!r}, which is not a checkpoint folder of this run (a "
+                f"half-written or edited run directory). Pass a complete checkpoint explicitly "
+                f"(--resume {root}/step_...), or start over with --resume never.")
+        return folder
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step_")) \
+        if os.path.isdir(root) else []
+    if steps:
+        raise UtaUsageError(
+            f"{run_dir} has checkpoint folders ({', '.join(steps[-3:])}) but no "
+            f"checkpoints/latest, so none is known to be complete (a run killed while writing "
+            f"its first checkpoint, or a copy without the pointer). Pass one explicitly "
+            f"(--resume / --ckpt {os.path.join(root, steps[-1])}), or start over with "
+            f"--resume never.")
     return None
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint folder, or a run directory (its newest checkpoint)."""
-    if os.path.isfile(os.path.join(path, "meta.json")) and os.path.isfile(
+    """A checkpoint folder, or a run directory (the checkpoint its `latest` names)."""
+    if os.path.isfile(os.path.join(path, "meta.json")) or os.path.isfile(
             os.path.join(path, "model.safetensors")):
+        missing = [n for n in ("meta.json", "model.safetensors")
+                   if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise UtaUsageError(f"{path} is an incomplete checkpoint: {' and '.join(missing)} "
+                                f"missing (a half-written or partly copied folder). Use another "
+                                f"checkpoint of the run, or copy this one again.")
         return path
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found:
-            return found
+            return resolve_checkpoint(found)
         raise UtaUsageError(f"{path} holds no complete checkpoint (expected checkpoints/step_*/ "
                             f"with meta.json and model.safetensors). Was the run started?")
     raise UtaUsageError(f"Checkpoint not found: {path}. Give a run directory or a "
                         f"checkpoints/step_* folder.")
 
 
+def _damaged(path: str, what: str, error: BaseException) -> UtaUsageError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UtaUsageError(
+        f"{path} is damaged: {what} ({reason[:200]}). It was probably cut short (a full disk, "
+        f"an interrupted copy or upload). Copy it again, or use another checkpoint of the run "
+        f"(checkpoints/step_*; to resume from one: --resume PATH).")
+
+
 def load_meta(ckpt: str) -> dict:
-    with open(os.path.join(ckpt, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(ckpt, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise UtaUsageError(f"{ckpt} is not a complete checkpoint: meta.json is missing.") \
+            from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _damaged(path, "not valid JSON", e) from None
+    if not isinstance(meta, dict):
+        raise UtaUsageError(f"{path} is not a uta checkpoint's meta.json (a JSON object).")
+    return meta
 
 
 def load_weights(ckpt: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(ckpt, "model.safetensors"))
+    path = os.path.join(ckpt, "model.safetensors")
+    if not os.path.isfile(path):
+        raise UtaUsageError(f"{ckpt} is not a complete checkpoint: model.safetensors is missing.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise _damaged(path, "unreadable safetensors", e) from None
+
+
+def _torch_load(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UtaUsageError(f"{os.path.dirname(path)} is not a complete checkpoint: "
+                            f"{os.path.basename(path)} is missing.") from None
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise _damaged(path, "unreadable torch file", e) from None
 
 
 def load_training_state(ckpt: str) -> dict:
-    return torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu",
-                      weights_only=True)
+    return _torch_load(os.path.join(ckpt, "training_state.pt"))
 
 
 def load_rng(ckpt: str, rank: int) -> dict | None:
     path = os.path.join(ckpt, f"rng_rank{rank}.pt")
     if not os.path.isfile(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _torch_load(path)

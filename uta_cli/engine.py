@@ -39,7 +39,13 @@ from torch import nn
 
 from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
-from uta_cli.errors import TrainingDiverged, TrainingInterrupted, UtaUsageError
+from uta_cli.errors import (
+    OutOfMemory,
+    TrainingDiverged,
+    TrainingInterrupted,
+    UtaUsageError,
+    is_out_of_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +291,14 @@ class Engine:
                 raise UtaUsageError(f"Cannot resume a '{task.name}' run from {source}, a "
                                     f"'{meta.get('task')}' checkpoint. Use another --output-dir "
                                     f"or --resume never.")
-            model.load_state_dict(ckpt.load_weights(source))
+            try:
+                model.load_state_dict(ckpt.load_weights(source))
+            except RuntimeError as e:  # same task, another model (the recipe changed)
+                first = str(e).strip().splitlines()
+                raise UtaUsageError(
+                    f"Cannot resume from {source}: its weights do not fit this recipe's model "
+                    f"({first[1].strip() if len(first) > 1 else first[0][:200]}). Use another "
+                    f"--output-dir, or --resume never to start over.") from None
             state = ckpt.load_training_state(source)
             optimizer.load_state_dict(state["optimizer"])
             start_step = int(state["step"])
@@ -411,11 +424,20 @@ class Engine:
                 if exhausted and step < (epoch + 1) * steps_per_epoch:
                     log.info("epoch %d ended early (skipped images); moving on", epoch)
                 epoch += 1
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise self._out_of_memory(e, step, last_saved) from None
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             progress.close()
 
-        val = self._validate(task, model, step, steps_per_epoch, progress)
+        try:
+            val = self._validate(task, model, step, steps_per_epoch, progress)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise self._out_of_memory(e, step, last_saved, "the final validation") from None
+            raise
         digests = gather_object([{"weights": weights_digest(acc.unwrap_model(model)),
                                   "samples_digest": sample_digest}])
         self.log_metrics({"event": "end", "step": step, "epoch": round(step / steps_per_epoch, 4),
@@ -442,6 +464,22 @@ class Engine:
                     self._save_best(task, model, step, step // steps_per_epoch, value)
         self.acc.wait_for_everyone()
         return result
+
+    def _out_of_memory(self, error: BaseException, step: int, last_saved: int,
+                       where: str = "") -> OutOfMemory:
+        cfg = self.cfg
+        kind = "GPU" if type(error).__name__ == "OutOfMemoryError" and \
+            torch.cuda.is_available() else "host"
+        kept = (f"The last good checkpoint (step {last_saved}) is intact in {self.ckpt_root}."
+                if last_saved >= 0 else "No checkpoint was written.")
+        smaller = max(1, cfg.batch_size // 2)
+        return OutOfMemory(
+            f"Out of {kind} memory in {where or f'training step {step + 1}'} with "
+            f"data.batch_size={cfg.batch_size} per process and train.grad_accum="
+            f"{cfg.grad_accum}. {kept} Lower the batch and raise the accumulation to keep the "
+            f"same global batch (--set data.batch_size={smaller} --set train.grad_accum="
+            f"{cfg.grad_accum * max(1, cfg.batch_size // smaller)}), then run the same command "
+            f"to resume.")
 
     def _check_finite(self, nonfinite: torch.Tensor, step: int, last_saved: int) -> None:
         flag = nonfinite.float().reshape(1)

@@ -15,3 +15,20 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """SIGTERM was received; a checkpoint was written before stopping (exit 143)."""
+
+
+class OutOfMemory(RuntimeError):
+    """Memory ran out (GPU or host); reported as exit 1 with the batch-size knobs to turn."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, MPS), MemoryError, and the host allocator's RuntimeError.
+
+    Matched without importing torch: this module is imported before torch is.
+    """
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "can't allocate memory" in text or "CUDA out of memory" in text
+        or "out of memory" in text.lower() and "allocat" in text.lower())

@@ -27,7 +27,7 @@ def convert(
       uta convert --from uta-release uta_base_p16_224.pt --output ckpts/uta-b16
     """
     quiet_libraries()
-    with cli_errors():
+    with cli_errors("free memory on this machine (it holds the whole model once)"):
         from uta_cli.errors import UtaUsageError
 
         if from_ != "uta-release":

@@ -63,7 +63,7 @@ def export(
       uta export --ckpt runs/demo --format pt2 --output-kind tokens --output tokens.pt2
     """
     quiet_libraries()
-    with cli_errors():
+    with cli_errors("free memory on this machine (it holds the whole model once)"):
         from uta_cli.export import (
             ExportFailed,
             ExportOptions,

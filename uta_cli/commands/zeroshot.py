@@ -78,7 +78,7 @@ def zeroshot(
       torchrun --nproc_per_node 8 -m uta_cli zeroshot --ckpt runs/b16 --dataset imagenet ...
     """
     quiet_libraries()
-    with cli_errors():
+    with cli_errors(f"lower --batch-size (now {batch_size})"):
         from uta_cli.errors import UtaUsageError
 
         if per_class and task == "retrieval":
