@@ -73,3 +73,39 @@ def test_eva_student_has_release_style_blocks():
     assert "trunk.blocks.0.attn.k_proj.bias" not in names
     assert any("mlp.norm" in n for n in names)  # SwiGLU sub-LN
     assert model.trunk.rope is not None
+
+
+@pytest.mark.parametrize("family", ["eva", "vit"])
+def test_grad_checkpointing_gives_the_same_gradients(family):
+    """Recomputed blocks (kept tokens, per-sample RoPE, drop path) give the plain gradients."""
+    torch.manual_seed(0)
+    cfg = StudentConfig(family=family, image_size=32, patch_size=8, width=32, depth=3, heads=2,
+                        mlp_ratio=2.0, drop_path=0.2)  # drop path: the recompute must redraw it
+    model = UTAStudent(cfg, embed_dim=24).train()
+    x = torch.randn(4, 3, 32, 32)
+    keep = torch.stack([torch.randperm(16)[:7] for _ in range(4)])
+    target = torch.randn(4, 8, 24)
+
+    def grads(checkpointed: bool):
+        model.set_grad_checkpointing(checkpointed)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same drop-path draws for both runs
+        loss = (model(x, keep) - target).pow(2).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_loss, plain = grads(False)
+    ckpt_loss, ckpt = grads(True)
+    assert model.trunk.grad_checkpointing
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=1e-6)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    # and it does recompute: with checkpointing, fewer tensors are saved for the backward pass
+    saved = {False: [], True: []}
+    for flag in (False, True):
+        model.set_grad_checkpointing(flag)
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, out=saved[flag]: out.append(t) or t, lambda t: t):
+            model(x, keep).sum()
+    assert len(saved[True]) < len(saved[False]) / 2

@@ -506,6 +506,8 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
         head = nn.Linear(width, data.num_classes)
         nn.init.trunc_normal_(head.weight, std=2e-5)  # near-zero start, as EVA-02 / MAE
         nn.init.zeros_(head.bias)
+    if recipe.train.grad_checkpointing:  # timm, open_clip and the UTA trunk all have it
+        backbone.set_grad_checkpointing(True)
     model = ClassificationModel(backbone, head).requires_grad_(True)
     mixup = None
     if f.mixup > 0 or f.cutmix > 0:
@@ -583,6 +585,7 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     if student.embed_dim != teacher.embed_dim:
         raise UtaUsageError(f"The student projects to {student.embed_dim} dimensions, the "
                             f"teacher's text tower to {teacher.embed_dim}.")
+    student.set_grad_checkpointing(recipe.train.grad_checkpointing)
     view = student_view("image", start, recipe)
     model = uta_clip(teacher.clip, student, text_locked=f.text_locked)
     train_tf = RandAugmentTrainTransform(view, tuple(recipe.data.crop_scale), recipe.data.hflip,

@@ -144,6 +144,7 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         state, source = student_init_state(recipe, teacher.embed_dim)
         student.load_state_dict(state)
         say(f"student initialised from {source}")
+    student.set_grad_checkpointing(recipe.train.grad_checkpointing)
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     say(f"[dim]grid: {grid_note}[/dim]")
 

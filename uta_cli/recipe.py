@@ -108,6 +108,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     val_every: int = 0  # steps; 0 = only at the end
     output_dir: str = ""  # default: runs/<recipe name>
+    # Activation checkpointing: recompute each transformer block in the backward pass instead
+    # of storing its activations (less memory for a larger batch, about a third more compute).
+    grad_checkpointing: bool = False
 
 
 @dataclass

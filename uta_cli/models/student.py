@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from timm.layers import apply_keep_indices_nlc
+from timm.models import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -47,6 +48,11 @@ class UTAStudent(nn.Module):
         self.num_prefix_tokens = self.trunk.num_prefix_tokens
         self.is_eva = isinstance(self.trunk, Eva)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations: the
+        student then holds one block's activations plus each block's input (timm's flag)."""
+        self.trunk.set_grad_checkpointing(enable)
+
     @property
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
@@ -75,11 +81,12 @@ class UTAStudent(nn.Module):
                 # (N, dim) -> (B, K, dim) -> (B, 1, K, dim): one table per sample, shared by heads
                 rope = apply_keep_indices_nlc(x, rope, keep_idx).unsqueeze(1)
         x = trunk.norm_pre(x)
-        if self.is_eva:
-            for blk in trunk.blocks:
-                x = blk(x, rope=rope)
-        else:
-            x = trunk.blocks(x)
+        recompute = trunk.grad_checkpointing and torch.is_grad_enabled()
+        for blk in trunk.blocks:
+            kwargs = {"rope": rope} if self.is_eva else {}
+            # the per-sample RoPE table is an input of each checkpointed block, so the
+            # recomputation sees the same kept positions
+            x = checkpoint(blk, x, **kwargs) if recompute else blk(x, **kwargs)
         return trunk.norm(x)
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
