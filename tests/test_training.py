@@ -27,9 +27,9 @@ def pretrain_cmd(run_dir, sets):
     return cmd
 
 
-def run(run_dir, sets, timeout=300):
-    return subprocess.run(pretrain_cmd(run_dir, sets), capture_output=True, text=True,
-                          timeout=timeout)
+def run(run_dir, sets, timeout=300, extra=()):
+    return subprocess.run(pretrain_cmd(run_dir, sets) + list(extra), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def metrics(run_dir):
@@ -124,7 +124,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_cli
     assert run(tmp_path, sets).returncode == 0
     good = final_weights(tmp_path)
     out = run(tmp_path, tiny_overrides(tiny_clip_dir, steps=10, **{
-        "train.checkpoint_every": 2, "optim.lr": ".inf"}))
+        "train.checkpoint_every": 2, "optim.lr": ".inf"}),
+        extra=["--allow-changes", "optim.lr,schedule.steps"])
     assert out.returncode == 1
     assert "NaN or infinite" in out.stderr and "Traceback" not in out.stderr
     assert ckpt.latest_checkpoint(str(tmp_path)).endswith(ckpt.step_dirname(4))

@@ -11,6 +11,8 @@ import itertools
 import math
 import os
 import random
+import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -154,17 +156,28 @@ class ArrayImageDataset(Dataset):
 
 
 class MaskCollator:
-    """Collates (dropping unreadable images) and adds the visible-token indices of each sample."""
+    """Collates (dropping unreadable images) and adds the visible-token indices of each sample.
 
-    def __init__(self, spec: MaskSpec | None, grid: tuple[int, int], seed: int):
+    `key_view`: key each mask by the pixels of that view instead of the sample id (validation:
+    the same images get the same masks whether they come from a folder or tar shards, in any
+    order and on any number of processes)."""
+
+    def __init__(self, spec: MaskSpec | None, grid: tuple[int, int], seed: int,
+                 key_view: str = ""):
         self.spec, self.grid, self.seed = spec, tuple(grid), seed
+        self.key_view = key_view
         self.epoch = 0
         if spec is not None:
             validate_mask_spec(spec, self.grid)
 
     def __call__(self, items: list[dict | None]) -> dict:
         batch = collate_skip_none(items)
-        if self.spec is not None and "sample_id" in batch:
+        if self.spec is not None and self.key_view and self.key_view in batch:
+            ids = np.array([zlib.crc32(img.numpy().tobytes()) for img in batch[self.key_view]],
+                           dtype=np.int64)
+            masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
+            batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
+        elif self.spec is not None and "sample_id" in batch:
             ids = batch["sample_id"].numpy().astype(np.int64)
             masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
             batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
@@ -193,19 +206,116 @@ def detect_format(source: str, fmt: str) -> str:
     return "folder"
 
 
+def _seed_of(*parts) -> int:
+    """A 63-bit seed from its parts, stable across processes and Python versions."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+def count_tar_records(shard: str) -> int:
+    """The number of samples TarShardDataset reads from `shard`, from the member headers alone
+    (nothing is extracted or decoded); a damaged shard counts up to where reading stops, as the
+    reader does."""
+    from uta_cli.datasets import _split_member, _url_to_fs
+
+    fs, path = _url_to_fs(shard)
+    count, key, pending = 0, None, False
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                split = _split_member(member.name) if member.isfile() else None
+                if split is None:
+                    continue
+                if split[0] != key:
+                    count += pending
+                    key, pending = split[0], True
+    except FileNotFoundError:
+        raise UtaUsageError(f"Tar shard {shard!r} does not exist. Check the shard list or brace "
+                            f"range.") from None
+    except (tarfile.TarError, OSError, EOFError):
+        return count  # the reader drops the sample it was in the middle of
+    return count + pending
+
+
+def plan_tar_skip(worker_shards: list[list[str]], batch_size: int, skip: int,
+                  count=count_tar_records) -> tuple[list[int], list[list[int]], int]:
+    """Where each DataLoader worker stands after the loader has yielded `skip` batches.
+
+    A multi-worker loader over an iterable dataset takes batches from its workers in turn,
+    passing over a worker once it has no full batch left (drop_last). Replaying that on record
+    counts (read from tar headers, without decoding) gives, per worker, the number of records
+    its batches used. Returns (records used per worker, record counts of the shards counted per
+    worker, batches replayed); fewer than `skip` batches means this pass ends before `skip`.
+    """
+    workers = len(worker_shards)
+    counts: list[list[int]] = [[] for _ in range(workers)]
+    used = [0] * workers
+    active = [True] * workers
+    done, w = 0, 0
+
+    def has(worker: int, need: int) -> bool:
+        while sum(counts[worker]) < need and len(counts[worker]) < len(worker_shards[worker]):
+            counts[worker].append(count(worker_shards[worker][len(counts[worker])]))
+        return sum(counts[worker]) >= need
+
+    while done < skip and any(active):
+        if active[w]:
+            if has(w, used[w] + batch_size):
+                used[w] += batch_size
+                done += 1
+            else:
+                active[w] = False
+        w = (w + 1) % workers
+    return used, counts, done
+
+
+class _ResumedTarShards(torch.utils.data.IterableDataset):
+    """A tar-shard dataset whose workers start after the records they used before a resume:
+    whole shards are passed over unopened, the rest of a shard is read without decoding."""
+
+    def __init__(self, tar, used: list[int], counts: list[list[int]]):
+        self.tar, self.used, self.counts = tar, used, counts
+
+    def __iter__(self) -> Iterator[dict | None]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        shards = self.tar.shards_for(worker, workers)
+        drop, first = self.used[worker], 0
+        known = self.counts[worker]
+        while first < len(known) and drop >= known[first]:
+            drop -= known[first]
+            first += 1
+        for shard, key, fields in itertools.islice(self.tar._records(shards[first:]), drop, None):
+            yield self.tar._decode(shard, key, fields)
+
+
+class _ShardPass(torch.utils.data.IterableDataset):
+    """One pass over some shards of a tar-shard dataset, split among the DataLoader workers."""
+
+    def __init__(self, tar, shards: list[str]):
+        self.tar, self.shards = tar, shards
+
+    def __iter__(self) -> Iterator[dict | None]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard, key, fields in self.tar._records(self.shards[worker::workers]):
+            yield self.tar._decode(shard, key, fields)
+
+
 class Source:
     """A training or evaluation source bound to its transform, mask collator and rank."""
 
     def __init__(self, dataset, transform, collator: MaskCollator, batch_size: int,
                  num_workers: int, seed: int, rank: int, world: int, samples_per_epoch: int = 0,
-                 shuffle: bool = True, drop_last: bool = True):
+                 shuffle: bool = True, drop_last: bool = True, evaluation: bool = False,
+                 limit: int = 0):
         self.dataset, self.transform, self.collator = dataset, transform, collator
         self.batch_size, self.num_workers = batch_size, num_workers
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
         self.drop_last = drop_last  # training: equal batches; evaluation: every image
+        self.limit = limit  # evaluation on tar shards: at most this many images (0 = all)
         self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
         self.samples_per_epoch = samples_per_epoch if self.iterable else len(dataset)
-        if self.iterable:
+        if self.iterable and not evaluation:
             dataset.check_split(num_workers)  # fail now, not inside a worker process
 
     def steps_per_epoch(self, world: int, global_micro_batch: int) -> int:
@@ -214,29 +324,84 @@ class Source:
                                 "number of images in one pass (or use schedule.steps).")
         return self.samples_per_epoch // world // global_micro_batch
 
-    def _endless(self, epoch: int, loader_kwargs: dict) -> Iterator[dict]:
+    def _loader_kwargs(self, epoch: int) -> dict:
+        # An explicit generator: creating the loader draws nothing from the global RNG, so
+        # dropout and drop path do not depend on when (or whether, after a resume) it was made.
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                    collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
+                    drop_last=self.drop_last, persistent_workers=False,
+                    generator=torch.Generator().manual_seed(
+                        _seed_of("loader", self.seed, epoch, self.rank)))
+
+    def _tar_stream(self, epoch: int, skip: int, loader_kwargs: dict) -> Iterator[dict]:
         """A stream of one epoch's shard order that starts over (in a new order) when this rank's
         shards run out, so a rank with fewer samples never leaves the others waiting in an
-        all-reduce; the engine ends the epoch after `steps_per_epoch` steps on every rank."""
+        all-reduce; the engine ends the epoch after `steps_per_epoch` steps on every rank.
+        The first `skip` batches are passed over at the level of raw tar records (no decoding);
+        the batches after them are exactly those an uninterrupted stream yields."""
+        workers = max(1, self.num_workers)
         for repeat in itertools.count():
             self.dataset.set_epoch(epoch + repeat * 1_000_003)
-            yield from DataLoader(self.dataset, **loader_kwargs)
+            dataset = self.dataset
+            if skip > 0 and self.dataset.shuffle_buffer > 1:  # a sample shuffle: replay it
+                stream = iter(DataLoader(dataset, **loader_kwargs))
+                skip -= sum(1 for _ in itertools.islice(stream, skip))
+                yield from stream
+                continue
+            if skip > 0:
+                used, counts, done = plan_tar_skip(
+                    [dataset.shards_for(w, workers) for w in range(workers)],
+                    self.batch_size, skip)
+                if done < skip:  # this whole pass lies before the resume point
+                    skip -= done
+                    continue
+                dataset, skip = _ResumedTarShards(self.dataset, used, counts), 0
+            yield from DataLoader(dataset, **loader_kwargs)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterable[dict]:
         """Batches of one epoch for this rank, starting after `skip` batches."""
         self.transform.set_epoch(epoch)
         self.collator.epoch = epoch
-        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
-                      collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
-                      drop_last=self.drop_last, persistent_workers=False)
+        common = self._loader_kwargs(epoch)
         if self.iterable:
-            return itertools.islice(self._endless(epoch, common), skip, None)
+            return self._tar_stream(epoch, skip, common)
         if self.shuffle:
             order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world)
         else:
             order = list(range(self.rank, len(self.dataset) - len(self.dataset) % self.world,
                                self.world))
         return DataLoader(self.dataset, sampler=order[skip * self.batch_size:], **common)
+
+    def one_pass(self) -> Iterator[dict]:
+        """Evaluation: this rank's share of the data, each sample once, in a fixed order.
+
+        Folders and in-memory data: samples rank, rank + world, ...; tar shards: shards rank,
+        rank + world, ..., read by min(num_workers, those shards) workers, so fewer shards than
+        processes x workers is fine (a process without a shard reads nothing). With `limit`,
+        each process reads at most its share, ceil(limit / world), of a tar-shard source.
+        """
+        self.transform.set_epoch(0)
+        self.collator.epoch = 0
+        kwargs = {**self._loader_kwargs(0), "drop_last": False}
+        if not self.iterable:
+            yield from DataLoader(self.dataset, sampler=range(self.rank, len(self.dataset),
+                                                              self.world), **kwargs)
+            return
+        mine = self.dataset.shards[self.rank::self.world]
+        if not mine:
+            return
+        kwargs["num_workers"] = min(self.num_workers, len(mine))
+        left = math.ceil(self.limit / self.world) if self.limit > 0 else None
+        for batch in DataLoader(_ShardPass(self.dataset, mine), **kwargs):
+            if left is not None:
+                if left <= 0:
+                    return
+                n = len(batch.get("sample_id", ()))
+                if n > left:
+                    batch = {k: (v[:left] if isinstance(v, (torch.Tensor, list)) else v)
+                             for k, v in batch.items()}
+                left -= n
+            yield batch
 
 
 def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1,

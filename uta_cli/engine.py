@@ -19,11 +19,12 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from rich.console import Console
@@ -46,6 +47,7 @@ from uta_cli.errors import (
     UtaUsageError,
     is_out_of_memory,
 )
+from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,39 @@ def make_accelerator(precision: str) -> Accelerator:
         raise UtaUsageError("train.precision=fp16 needs a GPU. On CPU use --set "
                             "train.precision=bf16 (or fp32).")
     mixed = {"fp32": "no"}.get(precision, precision)
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    for kind in ("DEEPSPEED", "MEGATRON_LM", "FSDP"):  # (Accelerate fails on a missing package)
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true", "yes") \
+                and (kind != "FSDP" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+            check_distributed_type(kind)
+    acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    check_distributed_type(acc.distributed_type)
+    return acc
+
+
+# Checkpoints hold the full model and optimizer state of the main process: right for plain data
+# parallelism (every process holds all of it), wrong for sharded or partitioned state.
+SUPPORTED_DISTRIBUTED = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA",
+                         "MULTI_MUSA", "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"}
+
+
+def check_distributed_type(kind) -> None:
+    name = getattr(kind, "value", str(kind))
+    if name not in SUPPORTED_DISTRIBUTED:
+        raise UtaUsageError(
+            f"Accelerate is configured for {name}, which uta does not support: its checkpoints "
+            f"hold the whole model and optimizer as one process sees them, which is complete "
+            f"only under plain data parallelism (DDP). Launch with DDP instead: `accelerate "
+            f"launch --multi_gpu --num_processes N -m uta_cli ...` or `torchrun "
+            f"--nproc_per_node N -m uta_cli ...`, or run `accelerate config` again and choose "
+            f"no FSDP/DeepSpeed/Megatron.")
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of dropout and drop path for one optimizer step of one process: different on
+    every rank (rows of different ranks get independent masks), and a pure function of the step
+    (a resumed run, on any number of processes, draws what an uninterrupted one would)."""
+    h = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 def _digest_u64(values: torch.Tensor) -> int:
@@ -203,7 +237,8 @@ class Engine:
         if acc.is_main_process:
             ckpt.write_weights(tmp, acc.unwrap_model(model).state_dict())
             state = {"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                     "world_size": acc.num_processes}
+                     "world_size": acc.num_processes, "batch_size": self.cfg.batch_size,
+                     "grad_accum": self.cfg.grad_accum}
             if acc.scaler is not None:
                 state["grad_scaler"] = acc.scaler.state_dict()
             torch.save(state, os.path.join(tmp, "training_state.pt"))
@@ -267,8 +302,48 @@ class Engine:
         return ckpt.resolve_checkpoint(resume)
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self, task: Task, resume: str = "auto", label: str = "train") -> dict[str, Any]:
+    def _check_resume(self, task: Task, source: str, meta: dict, state: dict, step: int,
+                      steps_per_epoch: int, allow_changes) -> ResumeChanges:
+        """Refuse (exit 2) a resume whose recipe or launch differs from the checkpoint's,
+        except for what --allow-changes names; see resume_guard."""
+        cfg = self.cfg
+        old_recipe = meta.get("recipe") or {}
+        old_world = int(state.get("world_size", self.acc.num_processes))
+        old_launch = {"world_size": old_world,
+                      "batch_size": int(state.get("batch_size", flatten(old_recipe).get(
+                          "data.batch_size", cfg.batch_size))),
+                      "grad_accum": int(state.get("grad_accum", flatten(old_recipe).get(
+                          "train.grad_accum", cfg.grad_accum)))}
+        new_launch = {"world_size": self.acc.num_processes, "batch_size": cfg.batch_size,
+                      "grad_accum": cfg.grad_accum}
+        problem = getattr(task, "world_change_problem", None)
+        in_epoch = (step % steps_per_epoch) * cfg.grad_accum
+        return check_resume(
+            source=source, old_recipe=old_recipe, new_recipe=cfg.recipe,
+            old_teacher=meta.get("teacher"), new_teacher=task.checkpoint_meta().get("teacher"),
+            old_launch=old_launch, new_launch=new_launch,
+            allow=list(allow_changes),
+            world_change_problem=problem(in_epoch) if problem is not None else "")
+
+    def _write_config(self, resumed: bool, step: int) -> None:
+        """The resolved recipe of each start: config.yaml for the first, config.<step>.yaml for
+        every resume (so config.yaml always describes how the run began)."""
+        if not (self.cfg.recipe and self.acc.is_main_process):
+            return
+        if not resumed:
+            for name in os.listdir(self.run_dir):
+                if name.startswith("config.") and name.endswith(".yaml") and name != "config.yaml":
+                    os.remove(os.path.join(self.run_dir, name))
+        name = f"config.{step}.yaml" if resumed else "config.yaml"
+        ckpt.atomic_write_text(os.path.join(self.run_dir, name),
+                               yaml.safe_dump(self.cfg.recipe, sort_keys=False))
+
+    def fit(self, task: Task, resume: str = "auto", label: str = "train",
+            allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+        """Train `task` to the end of its schedule. `allow_changes`: recipe keys that may differ
+        from the checkpoint's on resume (resume_guard.SAFE_CHANGES)."""
         cfg, acc = self.cfg, self.acc
+        allow_changes = parse_allow_changes(list(allow_changes))
         world = acc.num_processes
         steps_per_epoch = task.steps_per_epoch(world, cfg.batch_size * cfg.grad_accum)
         if steps_per_epoch < 1:
@@ -291,6 +366,9 @@ class Engine:
                 raise UtaUsageError(f"Cannot resume a '{task.name}' run from {source}, a "
                                     f"'{meta.get('task')}' checkpoint. Use another --output-dir "
                                     f"or --resume never.")
+            state = ckpt.load_training_state(source)
+            accepted = self._check_resume(task, source, meta, state, int(state["step"]),
+                                          steps_per_epoch, allow_changes)
             try:
                 model.load_state_dict(ckpt.load_weights(source))
             except RuntimeError as e:  # same task, another model (the recipe changed)
@@ -299,9 +377,9 @@ class Engine:
                     f"Cannot resume from {source}: its weights do not fit this recipe's model "
                     f"({first[1].strip() if len(first) > 1 else first[0][:200]}). Use another "
                     f"--output-dir, or --resume never to start over.") from None
-            state = ckpt.load_training_state(source)
             optimizer.load_state_dict(state["optimizer"])
             start_step = int(state["step"])
+        self._write_config(source is not None, start_step)
         model, optimizer = acc.prepare(model, optimizer)
         if source is not None:
             if acc.scaler is not None and "grad_scaler" in state:
@@ -310,6 +388,10 @@ class Engine:
             if rng is not None:
                 ckpt.set_rng_state(rng)
             self._truncate_metrics(start_step)
+            if accepted.record():
+                self.log_metrics({"event": "resume", "step": start_step,
+                                  "epoch": round(start_step / steps_per_epoch, 4),
+                                  "from": source, **accepted.record()})
         elif acc.is_main_process and os.path.exists(self.metrics_path):
             os.remove(self.metrics_path)  # a fresh run starts a fresh log
         task.setup(acc)
@@ -325,12 +407,21 @@ class Engine:
         progress = _Progress(acc.is_main_process, total, start_step, label)
         if source is not None:
             progress.print(f"Resumed from {source} at step {start_step}.")
+            for key, (was, now) in accepted.changes.items():
+                progress.print(f"  changed on resume: {key} {was!r} -> {now!r}")
+            if accepted.world_size[0] != accepted.world_size[1]:
+                progress.print(f"  {accepted.world_size[0]} -> {accepted.world_size[1]} "
+                               f"processes with the same global batch: the epoch's samples "
+                               f"continue where they stopped.")
+            elif {"data.batch_size", "train.grad_accum"} & set(accepted.changes):
+                progress.print("  the same global batch: the epoch's samples continue where "
+                               "they stopped.")
         previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         step = start_step
         epoch = step // steps_per_epoch
         nonfinite = torch.zeros((), device=acc.device, dtype=torch.bool)
         sums: dict[str, torch.Tensor] = {}
-        n_sums = 0
+        counts: dict[str, int] = {}  # micro-steps that reported each metric
         samples = 0
         skipped = 0
         sample_digest = 0
@@ -351,6 +442,7 @@ class Engine:
                 torch.set_rng_state(cpu_rng)
                 exhausted = False
                 while step < total and step < (epoch + 1) * steps_per_epoch:
+                    torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr) * \
                             param_group.get("lr_scale", 1.0)
@@ -373,7 +465,7 @@ class Engine:
                         nonfinite |= ~torch.isfinite(out["loss"].detach())
                         for k, v in out.items():
                             sums[k] = sums.get(k, 0.0) + v.detach().float()
-                        n_sums += 1
+                            counts[k] = counts.get(k, 0) + 1
                     if exhausted:
                         optimizer.zero_grad(set_to_none=True)
                         break
@@ -396,9 +488,7 @@ class Engine:
                         self._check_finite(nonfinite, step, last_saved)
                     if is_log:
                         elapsed = time.perf_counter() - t_window
-                        means = {k: (v / max(1, n_sums)) for k, v in sums.items()}
-                        means = {k: float(acc.reduce(v.reshape(1), reduction="mean").item())
-                                 for k, v in sorted(means.items())}
+                        means = self._reduce_means(sums, counts)
                         images = samples * world
                         record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                                   "lr": optimizer.param_groups[0]["lr"], **means,
@@ -408,7 +498,7 @@ class Engine:
                         self.log_metrics(record)
                         progress.update(step, f"loss {means.get('loss', float('nan')):.4f}  "
                                         f"{_rate(record['images_per_s'])} img/s", log_line=True)
-                        sums, n_sums, samples, data_wait = {}, 0, 0, 0.0
+                        sums, counts, samples, data_wait = {}, {}, 0, 0.0
                         t_window = time.perf_counter()
                     else:
                         progress.update(step, "", log_line=False)
@@ -449,8 +539,10 @@ class Engine:
     def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
                   progress: _Progress) -> dict[str, float]:
         result: dict[str, float] = {}
-        if self.acc.is_main_process:
+        on_every_rank = getattr(task, "validates_on_every_rank", False)
+        if on_every_rank or self.acc.is_main_process:
             result = task.validate(self.acc.unwrap_model(model))
+        if self.acc.is_main_process:
             if result:
                 self.log_metrics({"event": "val", "step": step,
                                   "epoch": round(step / steps_per_epoch, 4), **result})
@@ -481,6 +573,26 @@ class Engine:
             f"{cfg.grad_accum * max(1, cfg.batch_size // smaller)}), then run the same command "
             f"to resume.")
 
+    def _reduce_means(self, sums: dict[str, torch.Tensor], counts: dict[str, int]
+                      ) -> dict[str, float]:
+        """Means over all processes' micro-steps. Every process reduces the same keys (the union
+        of what any process logged), so one whose window held only unreadable images (and so
+        reported only `loss`) cannot leave the others in mismatched all-reduces."""
+        keys = sorted(sums)
+        if self.acc.num_processes > 1:
+            keys = sorted(set().union(*gather_object([keys])))
+        if not keys:
+            return {}
+        zero = torch.zeros((), device=self.acc.device)
+        vec = torch.stack([sums.get(k, zero).float().reshape(()) for k in keys] +
+                          [torch.tensor(float(counts.get(k, 0)), device=self.acc.device)
+                           for k in keys])
+        if self.acc.num_processes > 1:
+            vec = self.acc.reduce(vec, reduction="sum")
+        vec = vec.double().cpu()
+        n = len(keys)
+        return {k: float(vec[i] / vec[n + i]) for i, k in enumerate(keys) if vec[n + i] > 0}
+
     def _check_finite(self, nonfinite: torch.Tensor, step: int, last_saved: int) -> None:
         flag = nonfinite.float().reshape(1)
         if self.acc.num_processes > 1:
@@ -491,7 +603,8 @@ class Engine:
             raise TrainingDiverged(
                 f"The loss became NaN or infinite at or before step {step}. {where} Lower "
                 f"optim.lr, raise optim.warmup, or use train.precision=bf16 instead of fp16, "
-                f"then resume with the same command (--resume auto).")
+                f"then resume with the same command plus --allow-changes naming what you "
+                f"changed (e.g. --allow-changes optim.lr).")
 
 
 def _rate(per_s: float) -> str:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +56,7 @@ from uta_cli.models.teacher import (
     teacher_tokenizer,
 )
 from uta_cli.pretrain import engine_config
-from uta_cli.recipe import Recipe, StudentConfig, save_recipe
+from uta_cli.recipe import Recipe, StudentConfig
 from uta_cli.tasks.classification import (
     ClassificationModel,
     ClassificationTask,
@@ -672,7 +672,7 @@ def best_metric_for(recipe: Recipe) -> str:
 
 
 def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
-                 console: Console | None = None) -> dict:
+                 console: Console | None = None, allow_changes: Sequence[str] = ()) -> dict:
     console = console or Console()
     check_recipe(recipe)
     start = resolve_start(recipe)
@@ -687,14 +687,12 @@ def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         task = build_classification(recipe, start, acc, say)
     else:
         task, reference = build_contrastive(recipe, start, acc, say)
-    if main:
-        save_recipe(recipe, os.path.join(run_dir, "config.yaml"))
-    cfg = engine_config(recipe)
+    cfg = engine_config(recipe)  # the engine writes config.yaml (or config.<step>.yaml)
     cfg.val_at_start = recipe.finetune.val_at_start
     cfg.best_metric = best_metric_for(recipe)
     engine = Engine(cfg, acc, run_dir)
     label = "fine-tuning" if recipe.task == "classification" else "contrastive tuning"
-    result = engine.fit(task, resume=resume, label=label)
+    result = engine.fit(task, resume=resume, label=label, allow_changes=allow_changes)
     summary = {"run_dir": run_dir, "step": result["step"], "checkpoint": result["checkpoint"],
                "val": result["val"], "best": result["best"], "start": start.describe()}
     if main:

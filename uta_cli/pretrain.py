@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 from accelerate.utils import set_seed
@@ -32,7 +33,7 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
-from uta_cli.recipe import Recipe, recipe_to_dict, save_recipe
+from uta_cli.recipe import Recipe, recipe_to_dict
 from uta_cli.tasks.alignment import AlignmentTask
 
 # what decides the shapes of a student's weights
@@ -124,7 +125,7 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
-                 console: Console | None = None) -> dict:
+                 console: Console | None = None, allow_changes: Sequence[str] = ()) -> dict:
     console = console or Console()
     check_recipe(recipe)
     acc = make_accelerator(recipe.train.precision)
@@ -167,24 +168,26 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                                  recipe.seed)
         val_set = open_dataset(recipe.data.val_source, "auto", val_tf) \
             if recipe.data.val_source else None
-    if val_set is not None and not isinstance(val_set, torch.utils.data.IterableDataset):
-        val_set = Subset(val_set, range(min(len(val_set), recipe.data.val_samples)))
+    limit = recipe.data.val_samples  # 0 = all of them
+    if val_set is not None and limit > 0 and \
+            not isinstance(val_set, torch.utils.data.IterableDataset):
+        val_set = Subset(val_set, range(min(len(val_set), limit)))
     collator = MaskCollator(spec, student.grid_size, recipe.seed)
     source = Source(train_set, train_tf, collator, recipe.data.batch_size,
                     recipe.data.num_workers, recipe.seed, rank, world,
                     samples_per_epoch=recipe.data.samples_per_epoch)
     val_source = None
     if val_set is not None:
-        val_source = Source(val_set, val_tf, MaskCollator(spec, student.grid_size, recipe.seed + 1),
-                            recipe.data.batch_size, recipe.data.num_workers, 0, 0, 1,
-                            shuffle=False, drop_last=False)
+        val_collator = MaskCollator(spec, student.grid_size, recipe.seed + 1, key_view="student")
+        val_source = Source(val_set, val_tf, val_collator, recipe.data.batch_size,
+                            recipe.data.num_workers, 0, rank, world, shuffle=False,
+                            drop_last=False, evaluation=True, limit=limit)
     task = AlignmentTask(recipe, student, teacher, source, val_source,
                          {v.name: v for v in views}, grid_note)
 
-    if main:
-        save_recipe(recipe, os.path.join(run_dir, "config.yaml"))
-    engine = Engine(engine_config(recipe), acc, run_dir)
-    result = engine.fit(task, resume=resume, label="UTA pre-training")
+    engine = Engine(engine_config(recipe), acc, run_dir)  # writes config.yaml (or .<step>.yaml)
+    result = engine.fit(task, resume=resume, label="UTA pre-training",
+                        allow_changes=allow_changes)
     summary = {"run_dir": run_dir, "step": result["step"], "checkpoint": result["checkpoint"],
                "val": result["val"]}
     if recipe.eval.zeroshot == "demo" and main:

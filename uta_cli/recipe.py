@@ -39,6 +39,8 @@ class DataConfig:
     samples_per_epoch: int = 0
     # Held-out images for the validation alignment loss (same kinds of source as `source`).
     val_source: str = ""
+    # At most this many of them, in pre-training and fine-tuning alike; 0 = all. Folders: the
+    # first N; tar shards: each process stops after its share, ceil(N / processes).
     val_samples: int = 512
 
 

@@ -17,6 +17,11 @@ def finetune(
                                    "(default: train.output_dir, else runs/<recipe name>)."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest "
                                "complete checkpoint in the run directory; never; or a path."),
+    allow_changes: list[str] = typer.Option([], "--allow-changes", help="On resume, accept "
+                                            "these recipe keys differing from the checkpoint's "
+                                            "(comma-separated or repeated), e.g. --allow-changes "
+                                            "optim.lr,schedule.steps. Anything else that differs "
+                                            "refuses to resume."),
 ) -> None:
     """Fine-tune a UTA ViT: classification or contrastive tuning, as the recipe's task says.
 
@@ -45,4 +50,7 @@ def finetune(
         from uta_cli.finetune import check_recipe, run_finetune
 
         check_recipe(loaded)
-        run_finetune(loaded, output_dir=output_dir, resume=resume)
+        from uta_cli.resume_guard import parse_allow_changes
+
+        parse_allow_changes(allow_changes)  # unsafe keys fail before any model is built
+        run_finetune(loaded, output_dir=output_dir, resume=resume, allow_changes=allow_changes)

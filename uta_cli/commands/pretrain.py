@@ -16,6 +16,11 @@ def pretrain(
                                    "(default: train.output_dir, else runs/<recipe name>)."),
     resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest "
                                "complete checkpoint in the run directory; never; or a path."),
+    allow_changes: list[str] = typer.Option([], "--allow-changes", help="On resume, accept "
+                                            "these recipe keys differing from the checkpoint's "
+                                            "(comma-separated or repeated), e.g. --allow-changes "
+                                            "optim.lr,schedule.steps. Anything else that differs "
+                                            "refuses to resume."),
 ) -> None:
     """UTA pre-training: align a ViT student's visible tokens with a frozen CLIP teacher.
 
@@ -37,4 +42,7 @@ def pretrain(
         from uta_cli.pretrain import check_recipe, run_pretrain
 
         check_recipe(loaded)
-        run_pretrain(loaded, output_dir=output_dir, resume=resume)
+        from uta_cli.resume_guard import parse_allow_changes
+
+        parse_allow_changes(allow_changes)  # unsafe keys fail before any model is built
+        run_pretrain(loaded, output_dir=output_dir, resume=resume, allow_changes=allow_changes)

@@ -42,6 +42,18 @@ class AlignmentTask:
     def steps_per_epoch(self, world_size: int, global_micro_batch: int) -> int:
         return self.source.steps_per_epoch(world_size, global_micro_batch)
 
+    def world_change_problem(self, skip: int) -> str:
+        """Why this run cannot continue mid-epoch with another number of processes or batch
+        size ("" if it can): tar shards are dealt to processes (and loader workers) whole, and
+        workers take turns batch by batch, so the rest of the epoch would differ."""
+        if self.source.iterable and skip > 0:
+            return ("tar shards are dealt to processes and loader workers shard by shard, and "
+                    "the workers take turns batch by batch, so another number of processes or "
+                    "batch size would read another rest of this epoch; resume with the "
+                    "checkpoint's processes and data.batch_size (a change is fine from a "
+                    "checkpoint at an epoch boundary)")
+        return ""
+
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
@@ -61,25 +73,37 @@ class AlignmentTask:
             return {"loss": zero}
         return self._loss(model, batch)
 
+    # The engine calls validate on every process: each reads its share of the validation set
+    # and the sums are reduced, so no process waits at a barrier while one reads everything.
+    validates_on_every_rank = True
+    metric_names = ("loss", "cls_cos", "patch_cos")
+
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
-        """Alignment loss on held-out images, centre crop, fixed masks (epoch 0 of the val seed)."""
+        """Alignment loss on held-out images, centre crop, fixed masks (keyed by the pixels), one
+        pass sharded across processes; per-image means, so batching and sharding change nothing
+        but rounding."""
         if self.val_source is None:
             return {}
         model.eval()
-        totals: dict[str, float] = {}
-        n = 0
+        totals = torch.zeros(len(self.metric_names) + 1, dtype=torch.float64)
         autocast = self.accelerator.autocast() if self.accelerator else torch.no_grad()
         with autocast:
-            for batch in self.val_source.batches(epoch=0):
+            for batch in self.val_source.one_pass():
                 if "student" not in batch:
                     continue
                 out = self._loss(model, batch)
-                for k, v in out.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) * len(batch["student"])
-                n += len(batch["student"])
+                n = len(batch["student"])
+                totals += torch.tensor([float(out[k]) * n for k in self.metric_names] + [n],
+                                       dtype=torch.float64)
         model.train()
-        return {f"val_{k}": v / max(1, n) for k, v in totals.items()}
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+        n = float(totals[-1])
+        if n == 0:
+            return {}
+        return {f"val_{k}": float(v) / n for k, v in zip(self.metric_names, totals[:-1])}
 
     def checkpoint_meta(self) -> dict:
         return {"student": dataclasses.asdict(self.recipe.student),

@@ -1,0 +1,185 @@
+"""Training at scale: validation that ends (tar shards, sharded across processes), the resume
+guard, per-rank randomness, exact resume on tar shards, record-level skipping."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides, write_images
+from PIL import Image
+
+from uta_cli.recipe import load_recipe
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_shards(folder, n_shards: int, per_shard: int, size: int = 36, seed: int = 0,
+                 odd_sizes: bool = False) -> list[str]:
+    """webdataset-layout shards of random PNGs; returns the image bytes in shard order."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    for s in range(n_shards):
+        with tarfile.open(os.path.join(folder, f"shard-{s:02d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                h, w = (size + i % 5, size + 2 * (i % 3)) if odd_sizes else (size, size)
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+                info = tarfile.TarInfo(f"s{s}_{i:03d}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+                images.append(buf.getvalue())
+    return images
+
+
+def pretrain(run_dir, sets, resume="auto", **kw):
+    from uta_cli.pretrain import run_pretrain
+
+    recipe = load_recipe("demo", sets)
+    return run_pretrain(recipe, output_dir=str(run_dir), resume=resume, **kw)
+
+
+def test_tar_validation_ends_and_equals_the_folder_of_the_same_images(tmp_path, tiny_clip_dir):
+    images = write_shards(tmp_path / "val_tar", 3, 7, odd_sizes=True)  # 21: a partial batch
+    folder = tmp_path / "val_folder"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"{i:03d}.png").write_bytes(data)
+    common = {"data.val_samples": 0, "train.val_every": 2, "data.num_workers": 2}
+    tar = pretrain(tmp_path / "tar", tiny_overrides(tiny_clip_dir, steps=2, **common, **{
+        "data.val_source": str(tmp_path / "val_tar" / "shard-{00..02}.tar")}))
+    flat = pretrain(tmp_path / "folder", tiny_overrides(tiny_clip_dir, steps=2, **common, **{
+        "data.val_source": str(folder)}))
+    assert set(tar["val"]) == {"val_loss", "val_cls_cos", "val_patch_cos"}
+    for k, v in flat["val"].items():
+        assert tar["val"][k] == pytest.approx(v, rel=1e-5, abs=1e-6)
+    # val_samples: 0 means all of them; a limit takes the first N of a folder
+    assert 0 < tar["val"]["val_loss"]
+    some = pretrain(tmp_path / "some", tiny_overrides(tiny_clip_dir, steps=2, **{
+        **common, "data.val_source": str(folder), "data.val_samples": 5}))
+    assert some["val"]["val_loss"] != pytest.approx(flat["val"]["val_loss"], rel=1e-6)
+
+
+def test_validation_pass_shards_by_sample_and_by_shard(tmp_path):
+    """Every process reads a disjoint share; together they read every image exactly once, also
+    with fewer shards than processes x workers."""
+    from uta_cli.data import EvalTransform, MaskCollator, Source, View, open_dataset
+
+    write_shards(tmp_path / "tar", 3, 4)
+    write_images(tmp_path / "folder", 11)
+    views = [View("student", 16, (0.5,) * 3, (0.5,) * 3)]
+    for src in (str(tmp_path / "tar" / "shard-{00..02}.tar"), str(tmp_path / "folder")):
+        seen = []
+        for rank in range(4):
+            ds = open_dataset(src, "auto", EvalTransform(views))
+            source = Source(ds, ds.transform if hasattr(ds, "transform") else None,
+                            MaskCollator(None, (2, 2), 0), 3, 2, 0, rank, 4,
+                            shuffle=False, drop_last=False, evaluation=True)
+            ids = [int(i) for b in source.one_pass() for i in b["sample_id"]]
+            seen.append(ids)
+        everything = sorted(i for ids in seen for i in ids)
+        assert len(everything) == len(set(everything)) == (12 if "tar" in src else 11)
+        assert sum(1 for ids in seen if ids) >= 3
+
+
+def test_metrics_reduce_over_the_union_of_keys():
+    """A process that logged only `loss` (all its images unreadable) still takes part in the
+    same reductions; means count only the micro-steps that reported a metric."""
+    from accelerate import Accelerator
+
+    from uta_cli.engine import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(), Accelerator(cpu=True), "/nonexistent")
+    means = engine._reduce_means({"loss": torch.tensor(3.0), "cls_cos": torch.tensor(1.0)},
+                                 {"loss": 3, "cls_cos": 2})
+    assert means == {"cls_cos": 0.5, "loss": 1.0}
+
+
+def test_resume_refuses_a_changed_recipe_unless_allowed(tmp_path, tiny_clip_dir):
+    from uta_cli.errors import UtaUsageError
+
+    first = tiny_overrides(tiny_clip_dir, steps=4, **{"train.checkpoint_every": 2})
+    pretrain(tmp_path, first)
+    changed = tiny_overrides(tiny_clip_dir, steps=6, **{"train.checkpoint_every": 2,
+                                                        "optim.lr": 1e-4})
+    with pytest.raises(UtaUsageError) as err:
+        pretrain(tmp_path, changed)
+    msg = str(err.value)
+    assert "optim.lr: 0.002 -> 0.0001" in msg and "schedule.steps: 4 -> 6" in msg
+    assert "--resume never" in msg and "--allow-changes optim.lr,schedule.steps" in msg
+    with pytest.raises(UtaUsageError, match="cannot allow student.depth"):
+        pretrain(tmp_path, changed, allow_changes=["optim.lr", "student.depth"])
+    # a changed student is never allowed, even when named with everything else
+    with pytest.raises(UtaUsageError, match="student.width: 32 -> 48"):
+        pretrain(tmp_path, changed + ["student.width=48"], allow_changes=["optim.lr,schedule.steps"])
+    out = pretrain(tmp_path, changed, allow_changes=["optim.lr,schedule.steps"])
+    assert out["step"] == 6
+    records = metrics(tmp_path)
+    resumed = [r for r in records if r.get("event") == "resume"]
+    assert resumed == [{"event": "resume", "step": 4, "epoch": resumed[0]["epoch"],
+                        "from": resumed[0]["from"],
+                        "changes": {"optim.lr": [0.002, 0.0001], "schedule.steps": [4, 6]}}]
+    assert [r["lr"] for r in records if r.get("step") == 5 and "lr" in r][0] < 1e-4
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 0.002
+    assert yaml.safe_load((tmp_path / "config.4.yaml").read_text())["optim"]["lr"] == 0.0001
+    # the same command again: nothing differs from the newest checkpoint any more
+    assert pretrain(tmp_path, changed)["step"] == 6
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
+def test_distributed_types_other_than_ddp_are_refused(kind, monkeypatch):
+    from uta_cli.engine import check_distributed_type, make_accelerator
+    from uta_cli.errors import UtaUsageError
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
+    with pytest.raises(UtaUsageError, match=f"configured for {kind}.*DDP"):
+        make_accelerator("fp32")
+    with pytest.raises(UtaUsageError, match="configured for FSDP"):
+        check_distributed_type("FSDP")
+    check_distributed_type("MULTI_GPU")
+
+
+def test_ranks_draw_different_drop_path_masks_from_the_same_weights():
+    """The engine seeds each optimizer step with (seed, rank, step): the student (same initial
+    weights everywhere, built after set_seed(seed)) drops different paths on each rank, the same
+    ones again for the same rank and step (a resumed run), and new ones on the next step."""
+    from accelerate.utils import set_seed
+
+    from uta_cli.engine import step_seed
+    from uta_cli.models.student import UTAStudent
+    from uta_cli.recipe import StudentConfig
+
+    cfg = StudentConfig(family="eva", image_size=32, patch_size=8, width=32, depth=4, heads=2,
+                        drop_path=0.5)
+    students = []
+    for _ in range(2):  # two ranks build their student
+        set_seed(0)
+        students.append(UTAStudent(cfg, 16))
+    for (k, a), b in zip(students[0].state_dict().items(), students[1].state_dict().values()):
+        assert torch.equal(a, b), k
+    model = students[0].train()
+    images = torch.randn(8, 3, 32, 32)
+    keep = torch.arange(8).repeat(8, 1)
+
+    def forward(rank, step):
+        torch.manual_seed(step_seed(0, rank, step))
+        with torch.no_grad():
+            return model(images, keep)
+
+    rank0, rank1 = forward(0, 7), forward(1, 7)
+    assert not torch.allclose(rank0, rank1)
+    assert torch.equal(forward(0, 7), rank0)
+    assert not torch.allclose(forward(0, 8), rank0)
+    model.eval()  # and without drop path the ranks agree exactly
+    assert torch.equal(forward(0, 7), forward(1, 7))
