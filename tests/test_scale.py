@@ -4,6 +4,7 @@ guard, per-rank randomness, exact resume on tar shards, record-level skipping.""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -23,14 +24,15 @@ def metrics(run_dir):
 
 
 def write_shards(folder, n_shards: int, per_shard: int, size: int = 36, seed: int = 0,
-                 odd_sizes: bool = False) -> list[str]:
-    """webdataset-layout shards of random PNGs; returns the image bytes in shard order."""
+                 odd_sizes: bool = False, uneven: bool = False) -> list[str]:
+    """webdataset-layout shards of random PNGs; returns the image bytes in shard order.
+    uneven: shard s holds per_shard + s % 3 images."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     images = []
     for s in range(n_shards):
         with tarfile.open(os.path.join(folder, f"shard-{s:02d}.tar"), "w") as tar:
-            for i in range(per_shard):
+            for i in range(per_shard + (s % 3 if uneven else 0)):
                 h, w = (size + i % 5, size + 2 * (i % 3)) if odd_sizes else (size, size)
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
@@ -120,7 +122,8 @@ def test_resume_refuses_a_changed_recipe_unless_allowed(tmp_path, tiny_clip_dir)
         pretrain(tmp_path, changed, allow_changes=["optim.lr", "student.depth"])
     # a changed student is never allowed, even when named with everything else
     with pytest.raises(UtaUsageError, match="student.width: 32 -> 48"):
-        pretrain(tmp_path, changed + ["student.width=48"], allow_changes=["optim.lr,schedule.steps"])
+        pretrain(tmp_path, changed + ["student.width=48"],
+                 allow_changes=["optim.lr,schedule.steps"])
     out = pretrain(tmp_path, changed, allow_changes=["optim.lr,schedule.steps"])
     assert out["step"] == 6
     records = metrics(tmp_path)
@@ -183,3 +186,43 @@ def test_ranks_draw_different_drop_path_masks_from_the_same_weights():
     assert not torch.allclose(forward(0, 8), rank0)
     model.eval()  # and without drop path the ranks agree exactly
     assert torch.equal(forward(0, 7), forward(1, 7))
+
+
+def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_path):
+    """batches(epoch, skip=k) of a tar-shard source are the batches after the first k of an
+    uninterrupted stream, with 2 loader workers, uneven shards (workers run out at different
+    times) and k past the point where this rank's shards run out and the stream starts over."""
+    from uta_cli import data as data_mod
+    from uta_cli.data import MaskCollator, Source, TrainTransform, View, open_dataset
+
+    write_shards(tmp_path, 5, 3, size=20, uneven=True)  # 3,4,5,3,4 = 19 records
+    views = [View("student", 8, (0.5,) * 3, (0.5,) * 3)]
+    tf = TrainTransform(views, (0.5, 1.0), True, seed=0)
+    ds = open_dataset(str(tmp_path / "shard-{00..04}.tar"), "auto", tf, rank=0, world=2)
+    source = Source(ds, tf, MaskCollator(None, (1, 1), 0), 2, 2, 0, 0, 2,
+                    samples_per_epoch=40)
+
+    def ids(skip, n):
+        stream = source.batches(1, skip)
+        return [b["sample_id"].tolist() for b in itertools.islice(stream, n)]
+
+    full = ids(0, 14)
+    real = data_mod.count_tar_records
+    counted = []
+    data_mod.plan_tar_skip.__defaults__ = (lambda shard: counted.append(shard) or real(shard),)
+    try:
+        for k in (1, 2, 3, 5, 8):
+            assert ids(k, 14 - k) == full[k:], k
+    finally:
+        data_mod.plan_tar_skip.__defaults__ = (real,)
+    assert counted  # the skip read record counts from the tar headers
+    # in one process (no loader workers) nothing before the resume point is decoded
+    single = Source(ds, tf, MaskCollator(None, (1, 1), 0), 2, 0, 0, 0, 2, samples_per_epoch=40)
+    decoded = []
+    original = ds._decode
+    ds._decode = lambda *a: decoded.append(a[1]) or original(*a)
+    try:
+        rest = [b["sample_id"].tolist() for b in itertools.islice(single.batches(1, 3), 2)]
+    finally:
+        ds._decode = original
+    assert len(decoded) == 4 and len(rest) == 2

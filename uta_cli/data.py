@@ -237,14 +237,15 @@ def count_tar_records(shard: str) -> int:
 
 
 def plan_tar_skip(worker_shards: list[list[str]], batch_size: int, skip: int,
-                  count=count_tar_records) -> tuple[list[int], list[list[int]], int]:
+                  count=count_tar_records) -> tuple[list[int], list[list[int]], int, int]:
     """Where each DataLoader worker stands after the loader has yielded `skip` batches.
 
     A multi-worker loader over an iterable dataset takes batches from its workers in turn,
     passing over a worker once it has no full batch left (drop_last). Replaying that on record
     counts (read from tar headers, without decoding) gives, per worker, the number of records
     its batches used. Returns (records used per worker, record counts of the shards counted per
-    worker, batches replayed); fewer than `skip` batches means this pass ends before `skip`.
+    worker, batches replayed, the worker whose turn is next); fewer than `skip` batches replayed
+    means this pass ends before `skip`.
     """
     workers = len(worker_shards)
     counts: list[list[int]] = [[] for _ in range(workers)]
@@ -265,19 +266,21 @@ def plan_tar_skip(worker_shards: list[list[str]], batch_size: int, skip: int,
             else:
                 active[w] = False
         w = (w + 1) % workers
-    return used, counts, done
+    return used, counts, done, w
 
 
 class _ResumedTarShards(torch.utils.data.IterableDataset):
     """A tar-shard dataset whose workers start after the records they used before a resume:
     whole shards are passed over unopened, the rest of a shard is read without decoding."""
 
-    def __init__(self, tar, used: list[int], counts: list[list[int]]):
+    def __init__(self, tar, used: list[int], counts: list[list[int]], first_worker: int):
         self.tar, self.used, self.counts = tar, used, counts
+        self.first_worker = first_worker  # whose turn it is: a new loader starts with worker 0
 
     def __iter__(self) -> Iterator[dict | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (worker + self.first_worker) % workers
         shards = self.tar.shards_for(worker, workers)
         drop, first = self.used[worker], 0
         known = self.counts[worker]
@@ -349,13 +352,13 @@ class Source:
                 yield from stream
                 continue
             if skip > 0:
-                used, counts, done = plan_tar_skip(
+                used, counts, done, turn = plan_tar_skip(
                     [dataset.shards_for(w, workers) for w in range(workers)],
                     self.batch_size, skip)
                 if done < skip:  # this whole pass lies before the resume point
                     skip -= done
                     continue
-                dataset, skip = _ResumedTarShards(self.dataset, used, counts), 0
+                dataset, skip = _ResumedTarShards(self.dataset, used, counts, turn), 0
             yield from DataLoader(dataset, **loader_kwargs)
 
     def batches(self, epoch: int, skip: int = 0) -> Iterable[dict]:
