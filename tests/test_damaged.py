@@ -30,7 +30,7 @@ def cli(*args):
 def pretrain_args(run_dir, sets):
     args = ["pretrain", "demo", "--output-dir", run_dir]
     for s in sets:
-        args += ["--set", s]
+        args += [s] if s.startswith("--") or "=" not in s else ["--set", s]
     return args
 
 
@@ -40,7 +40,9 @@ def good_run(tmp_path_factory, tiny_clip_dir):
     sets = tiny_overrides(tiny_clip_dir, steps=2, **{"train.checkpoint_every": 2})
     result = cli(*pretrain_args(run_dir, sets))
     assert result.exit_code == 0, result.output
-    return run_dir, tiny_overrides(tiny_clip_dir, steps=4, **{"train.checkpoint_every": 2})
+    # resumed for 2 more steps: a longer schedule is a change the resume guard must be told of
+    return run_dir, tiny_overrides(tiny_clip_dir, steps=4, **{"train.checkpoint_every": 2}) + \
+        ["--allow-changes", "schedule.steps"]
 
 
 def damaged_copy(good_run, tmp_path, damage) -> tuple[str, str]:
@@ -124,9 +126,10 @@ def test_checkpoint_of_another_task_or_model(good_run, tmp_path, tiny_clip_dir):
     assert_clean_failure(cli(*pretrain_args(run_dir, good_run[1])), 2, folder,
                          "'classification' checkpoint")
     # same task, another model: the recipe's student changed since the checkpoint
-    wider = tiny_overrides(tiny_clip_dir, steps=4, **{"student.width": 64})
+    wider = tiny_overrides(tiny_clip_dir, steps=2, **{"student.width": 64,
+                                                      "train.checkpoint_every": 2})
     assert_clean_failure(cli(*pretrain_args(good_run[0], wider)), 2,
-                         "do not fit this recipe's model", "--resume never")
+                         "student.width: 32 -> 64", "--resume never")
 
 
 def test_unreadable_recipes_are_exit_2(tmp_path):
