@@ -78,3 +78,45 @@ def _build(model_cfg: dict) -> torch.nn.Module:
 
 def shrunk_teacher_folder(path, model: str, seed: int = 0) -> str:
     return write_open_clip_folder(path, shrunk_config(model), seed)
+
+
+def register_shrunk_model(model: str, folder) -> str:
+    """Register the shrunk config with open_clip as `<model>-shrunk`, so that it is usable by
+    name (teacher.model) with a weights file, as the real EVA02-* models are."""
+    name = f"{model}-shrunk"
+    path = os.path.join(folder, f"{name}.json")
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(shrunk_config(model), f)
+    open_clip.add_model_config(path)
+    return name
+
+
+def to_eva_clip_native(clip: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An open_clip EVA02-* state dict in BAAI's native EVA-CLIP layout (EVA02_CLIP_*_s*B.pt):
+    the image trunk's names as the EVA-CLIP code has them, RoPE tables stored in the tower and in
+    every block (one shared module there), text tower and logit_scale unchanged."""
+    out = {}
+    trunk_state = clip.visual.trunk.state_dict()
+    swiglu = any(".mlp.fc1_g." in k for k in trunk_state)
+    for k, v in trunk_state.items():
+        k = k.replace(".attn.q_proj.bias", ".attn.q_bias").replace(".attn.v_proj.bias",
+                                                                    ".attn.v_bias")
+        k = k.replace(".attn.norm.", ".attn.inner_attn_ln.")
+        if swiglu:
+            for new, old in ((".mlp.fc1_g.", ".mlp.w1."), (".mlp.fc1_x.", ".mlp.w2."),
+                             (".mlp.norm.", ".mlp.ffn_ln."), (".mlp.fc2.", ".mlp.w3.")):
+                k = k.replace(new, old)
+        out["visual." + k] = v.clone()
+    trunk = clip.visual.trunk
+    if getattr(trunk, "rope", None) is not None:
+        grid = trunk.patch_embed.grid_size
+        head_dim = trunk.embed_dim // trunk.blocks[0].attn.num_heads
+        cos, sin = torch.rand(2, grid[0] * grid[1], head_dim)  # dropped on load (timm
+        # recomputes RoPE), so their values do not matter
+        for prefix in ["visual."] + [f"visual.blocks.{i}.attn." for i in range(len(trunk.blocks))]:
+            out[prefix + "rope.freqs_cos"], out[prefix + "rope.freqs_sin"] = cos, sin
+    for k, v in clip.state_dict().items():
+        if not k.startswith("visual."):
+            out[k] = v.clone()
+    return out

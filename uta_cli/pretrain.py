@@ -139,6 +139,9 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         folder = ensure_demo_teacher(recipe.demo, acc, say)
         teacher_model, teacher_weights = "local-dir:" + folder, ""
     teacher = load_teacher(teacher_model, teacher_weights)
+    if teacher.identity.weights_layout != "open_clip":
+        say(f"teacher weights: {teacher.identity.weights_layout} layout detected in "
+            f"{teacher_weights}, converted to open_clip's")
     set_seed(recipe.seed)  # the same initial student on every rank
     student = UTAStudent(recipe.student, teacher.embed_dim)
     if recipe.student.init:

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.models.eva_clip import EVA_CLIP_MARKS, file_layout
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
 from uta_cli.recipe import StudentConfig
@@ -168,6 +169,12 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
         hint = f" It holds a '{wrapped[0]}' entry; unwrap it first." if wrapped else ""
         raise UtaUsageError(f"{path} is not a UTA release (no {SIGNATURE}, text.* and "
                             f"logit_scale keys; first keys: {_listing(list(state)[:6], 6)}).{hint}")
+    if file_layout(state) == "eva-clip":  # the same outline as a release, a different network
+        raise UtaUsageError(
+            f"{path} is a native EVA-CLIP checkpoint (detected: BAAI layout with "
+            f"{next(k for k in EVA_CLIP_MARKS if k in state)}), not a released UTA file. Use it "
+            f"as a teacher: --set teacher.model=EVA02-L-14 (the matching EVA02-* model) --set "
+            f"teacher.weights={path}.")
     return state
 
 

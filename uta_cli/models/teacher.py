@@ -40,6 +40,7 @@ class TeacherIdentity:
     std: list[float]
     interpolation: str
     model_cfg: dict = field(default_factory=dict)
+    weights_layout: str = "open_clip"  # or "eva-clip": BAAI's native file, converted on load
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,6 +82,7 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         folder = weights
     else:
         folder = None
+    layout = "open_clip"
     if folder is not None:
         cfg_path = os.path.join(folder, "open_clip_config.json")
         wfile = _weights_file_in_dir(folder)
@@ -106,19 +108,20 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         model_cfg = open_clip.get_model_config(model)
         if os.path.isfile(weights):
             fingerprint = file_fingerprint(weights)
+            clip, layout = clip_from_file(model, weights)
         elif weights in open_clip.list_pretrained_tags_by_model(model):
             fingerprint = f"tag:{model}:{weights}"
+            try:
+                clip = open_clip.create_model(model, pretrained=weights)
+            except Exception as e:
+                raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': "
+                                    f"{e}. Offline? Use a local weights file instead of a hub "
+                                    f"tag.") from None
         else:
             raise UtaUsageError(
                 f"teacher.weights '{weights}' is neither a file, a folder, nor a known tag of "
                 f"'{model}'. Check the path, or use one of the tags "
                 f"{open_clip.list_pretrained_tags_by_model(model)} (needs network).")
-        try:
-            clip = open_clip.create_model(model, pretrained=weights)
-        except Exception as e:
-            raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': {e}. "
-                                "Offline? Use a local weights file instead of a hub tag."
-                                ) from None
     pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
     size = pp.get("size", clip.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -127,8 +130,55 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         embed_dim=int(_embed_dim(clip, model_cfg)), image_size=int(size),
         mean=[float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
         std=[float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
-        interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg)
+        interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg,
+        weights_layout=layout)
     return clip, identity
+
+
+def clip_from_file(model: str, path: str) -> tuple[nn.Module, str]:
+    """open_clip model `model` with the weights of one file, and the layout detected in it:
+    'open_clip' (open_clip_pytorch_model.bin, .safetensors, open_clip training checkpoints) or
+    'eva-clip' (BAAI's native EVA-CLIP files, converted). Strict: every key is named that is
+    missing, unexpected or of the wrong shape."""
+    from open_clip.factory import convert_state_dict, load_state_dict
+    from open_clip.model import (
+        convert_to_custom_text_state_dict,
+        resize_pos_embed,
+        resize_text_pos_embed,
+    )
+
+    from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
+
+    try:
+        state = load_state_dict(path)  # safetensors or torch (weights_only); unwraps
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UtaUsageError(f"Cannot read the teacher weights {path} ({type(e).__name__}: "
+                            f"{first}). Is it a complete open_clip or EVA-CLIP weights file?"
+                            ) from None
+    layout = file_layout(state)
+    if layout == "uta-release":
+        raise UtaUsageError(
+            f"{path} is a released UTA file (detected: a UTA student with SwiGLU blocks and its "
+            f"text tower), not the weights of teacher '{model}'. Give the teacher's CLIP weights "
+            f"as teacher.weights; a released UTA file is used as student.init, init or --ckpt.")
+    clip = open_clip.create_model(model)  # random init, replaced entirely below
+    what = f"Teacher weights {path} ({layout} layout) do not fit teacher.model '{model}'"
+    if layout == "eva-clip":
+        state = eva_clip_to_open_clip(state, clip)
+    else:  # open_clip's own fix-ups of its checkpoints (factory.load_checkpoint)
+        layout = "open_clip"
+        state = convert_state_dict(clip, state)
+        if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
+            state = convert_to_custom_text_state_dict(state)
+        scale = state.get("logit_scale")
+        if scale is not None and scale.ndim != clip.logit_scale.ndim:
+            state["logit_scale"] = scale.reshape(clip.logit_scale.shape)
+        resize_pos_embed(state, clip)
+        resize_text_pos_embed(state, clip)
+    strict_load(clip, state, what)
+    log.info("teacher weights %s: %s layout", path, layout)
+    return clip, layout
 
 
 def _embed_dim(clip: nn.Module, model_cfg: dict | None = None) -> int:
