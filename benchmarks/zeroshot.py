@@ -1,20 +1,22 @@
 """`uta zeroshot` against a plain open_clip loop, measured side by side in one run.
 
-1. Image throughput on the same CLIP model and the same JPEGs: uta's evaluation loop (what
-   `uta zeroshot --teacher` runs for the teacher: uint8 crops from a multi-worker loader,
-   normalised per batch, weights cast for the chosen precision, top-k kept per sample) against
-   the loop one writes with open_clip: its own preprocess in a torchvision ImageFolder, its
-   `build_zero_shot_classifier`, `encode_image`, fp32 (CLIP_benchmark's amp is CUDA-only).
-   Top-1 agreement between the two is printed beside the speed.
-2. Building the classifier: uta's batched builder (all templates of many classes per text
-   forward) against one class at a time (open_clip's legacy builder) and against open_clip's
-   default (10 classes per forward); and loading it back from uta's disk cache.
+1. Image pass on the same CLIP model and the same JPEGs (ImageNet-sized): uta's evaluation loop
+   (what `uta zeroshot --teacher` runs for the teacher: decoding and uint8 crops in loader
+   workers, normalised per batch, weights cast for the chosen precision, top-k kept per sample)
+   against the loop one writes with open_clip and torchvision (CLIP_benchmark's): open_clip's
+   preprocess in an ImageFolder, its `build_zero_shot_classifier`, `encode_image`. Per
+   precision; the top-1 agreement between the two is printed beside the speed.
+2. Class weights on the same text tower and prompts: uta's builder with trimmed context (each
+   text forward only as long as its longest prompt, prompts sorted by length) and with full
+   context, against open_clip's `build_zero_shot_classifier` (10 classes per forward, all 77
+   positions); the 1000-class time projected from a few classes spread over ImageNet's, for
+   each text tower named (ViT-B-16, EVA02-L-14 by default); and loading from uta's cache.
 3. The student's precision paths on this device (fp32, bf16 autocast, bf16 weights): the
    measurement behind `--precision auto`.
 
-    python benchmarks/zeroshot.py                                  # 1000 x 80, minutes on 2 CPUs
-    python benchmarks/zeroshot.py --classes 100 --templates 80 --images 256       # about a minute
-    python benchmarks/zeroshot.py --model ViT-B-16 --images 64     # the real architecture
+    python benchmarks/zeroshot.py                    # minutes on 2 CPUs: 10 classes x 80
+    python benchmarks/zeroshot.py --model ViT-B-16 --images 1000 --precisions fp32,bf16
+    python benchmarks/zeroshot.py --skip throughput,precision --classes 4   # class weights only
 
 Models have random weights (only speed and agreement are measured); nothing is downloaded.
 """
@@ -50,6 +52,7 @@ from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import StudentConfig
 from uta_cli.zeroshot import (
+    TextEncoder,
     build_classifier,
     classifier_cache_key,
     load_cached_classifier,
@@ -83,14 +86,17 @@ def write_clip(folder: str, model: str) -> str:
     return folder
 
 
-def write_images(folder: str, n: int, classes: int, size: int = 256) -> list[str]:
+IMAGE_HW = (375, 500)  # the most common ImageNet validation image size
+
+
+def write_images(folder: str, n: int, classes: int) -> list[str]:
     """JPEGs (decoding and resizing cost what they cost on real data), coloured + noise."""
     rng = np.random.default_rng(0)
     names = [f"class_{c:03d}" for c in range(classes)]
     for i in range(n):
         d = os.path.join(folder, names[i % classes])
         os.makedirs(d, exist_ok=True)
-        img = rng.uniform(0, 1, (1, 1, 3)) + rng.normal(0, 0.2, (size, size + 64, 3))
+        img = rng.uniform(0, 1, (1, 1, 3)) + rng.normal(0, 0.2, (*IMAGE_HW, 3))
         Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
             os.path.join(d, f"{i:05d}.jpg"), quality=90)
     return names
@@ -106,22 +112,24 @@ def timed(fn):
 
 
 def plain_loop(clip_dir: str, data: str, classnames: list[str], templates: list[str],
-               batch: int, workers: int) -> tuple[float, torch.Tensor, int]:
-    """What one writes with open_clip and torchvision. Returns (seconds, top-1 per image, n)."""
+               batch: int, workers: int, precision: str) -> tuple[float, torch.Tensor, int]:
+    """What one writes with open_clip and torchvision (CLIP_benchmark's loop; bf16 as weights,
+    since autocast re-casts frozen weights every call on CPU). Returns (seconds, top-1, n)."""
     import torchvision
 
     model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + clip_dir)
-    model.eval()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model.eval().to(dtype)
     tokenizer = open_clip.get_tokenizer("local-dir:" + clip_dir)
     classifier = open_clip.build_zero_shot_classifier(
-        model, tokenizer, classnames, [t.replace("{c}", "{}") for t in templates])
+        model, tokenizer, classnames, [t.replace("{c}", "{}") for t in templates]).float()
     dataset = torchvision.datasets.ImageFolder(data, transform=preprocess)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
     t0 = time.perf_counter()
     preds = []
     with torch.no_grad():
         for images, _ in loader:
-            emb = F.normalize(model.encode_image(images), dim=-1)
+            emb = F.normalize(model.encode_image(images.to(dtype)).float(), dim=-1)
             preds.append((100.0 * emb @ classifier).argmax(dim=-1))
     return time.perf_counter() - t0, torch.cat(preds), len(dataset)
 
@@ -149,32 +157,69 @@ def uta_loop(clip_dir: str, data: str, templates: list[str], batch: int, workers
     return seconds, part["predictions"]["teacher"].topk[:, 0], len(evalset.index)
 
 
-# ------------------------------------------------------------------------- 2. classifier build
+# ------------------------------------------------------------------------- 2. class weights
+
+# A stand-in image tower: only the text tower is measured.
+TINY_VISION = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
 
 
-def classifier_builds(clip_dir: str, classes: int, templates: list[str]) -> dict:
-    model = open_clip.create_model("local-dir:" + clip_dir).eval()
-    tokenizer = open_clip.get_tokenizer("local-dir:" + clip_dir)
-    names = list(open_clip.IMAGENET_CLASSNAMES)[:classes] if classes <= 1000 else \
-        [f"class {i}" for i in range(classes)]
-    fmt = [t.replace("{c}", "{}") for t in templates]
-    out = {}
-    out["uta batched"], w_uta = timed(lambda: build_classifier(
-        model.encode_text, tokenizer, names, templates))
-    out["open_clip (10 classes/forward)"], w_oc = timed(lambda: open_clip.
-                                                          build_zero_shot_classifier(
-                                                              model, tokenizer, names, fmt))
-    out["one class at a time"], w_one = timed(lambda: open_clip.
-                                              build_zero_shot_classifier_legacy(
-                                                  model, tokenizer, names, fmt))
+def text_tower(model: str, precision: str) -> tuple[torch.nn.Module, object]:
+    """open_clip's `model` with its real text tower (random weights) and a tiny image tower."""
+    cfg = open_clip.get_model_config(model)
+    cls = open_clip.CustomTextCLIP if cfg.get("custom_text") else open_clip.CLIP
+    torch.manual_seed(0)
+    clip = cls(embed_dim=cfg["embed_dim"], vision_cfg=TINY_VISION, text_cfg=cfg["text_cfg"],
+               quick_gelu=cfg.get("quick_gelu", False)).eval().requires_grad_(False)
+    return clip.to(torch.bfloat16 if precision == "bf16" else torch.float32), \
+        open_clip.get_tokenizer(model)
+
+
+def spread_classnames(n: int) -> list[str]:
+    """n ImageNet class names spread over the list (their prompt lengths as the whole set's)."""
+    names = list(open_clip.IMAGENET_CLASSNAMES)
+    return [names[i * len(names) // n] for i in range(n)]
+
+
+BUILDERS = ("uta, trimmed context", "uta, full context", "open_clip build_zero_shot_classifier")
+
+
+def class_weights(model: str, classes: int, templates: list[str], precision: str,
+                  sides: tuple[str, ...], repeats: int) -> dict:
+    """Seconds of each builder in `sides` on the same tower and prompts (best of `repeats`,
+    interleaved, after a warm-up), the largest difference from open_clip's weights, and the
+    cache's load time."""
+    clip, tokenizer = text_tower(model, precision)
+
+    def build(name: str, names: list[str], templates: list[str]) -> torch.Tensor:
+        if name == BUILDERS[2]:
+            return open_clip.build_zero_shot_classifier(
+                clip, tokenizer, names, [t.replace("{c}", "{}") for t in templates],
+                num_classes_per_batch=10).float()
+        context = "trimmed" if name == BUILDERS[0] else "full"
+        return build_classifier(TextEncoder(clip, context), tokenizer, names, templates)
+
+    names = spread_classnames(classes)
+    seconds: dict[str, float] = {}
+    weights: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in sides:  # warm-up: first calls pay for kernel selection and allocations
+            build(name, names[:1], templates[:4])
+        for _ in range(repeats):
+            for name in sides:
+                sec, weights[name] = timed(lambda name=name: build(name, names, templates))
+                seconds[name] = min(sec, seconds.get(name, float("inf")))
+    ref = weights.get("open_clip build_zero_shot_classifier")
+    diff = {k: (w - ref).abs().max().item() for k, w in weights.items()} if ref is not None \
+        else {}
+    out = {"seconds": seconds, "max_abs_diff_vs_open_clip": diff,
+           "note": TextEncoder(clip, "trimmed").note, "prompts": classes * len(templates)}
     with tempfile.TemporaryDirectory() as cache:
-        key = classifier_cache_key({"weights_fingerprint": "bench"}, names, templates, "float32")
-        save_cached_classifier(cache, key, w_uta, {})
-        out["uta cache load"], cached = timed(lambda: load_cached_classifier(cache, key,
-                                                                              len(names)))
-    diff = max((w_uta - w_one).abs().max().item(), (w_uta - w_oc).abs().max().item(),
-               (w_uta - cached).abs().max().item())
-    return {"seconds": out, "max_abs_diff": diff, "shape": list(w_uta.shape)}
+        w = next(iter(weights.values()))
+        key = classifier_cache_key({"weights_fingerprint": "bench"}, names, templates, precision,
+                                   text_context="trimmed")
+        save_cached_classifier(cache, key, w, {})
+        out["cache load"], _ = timed(lambda: load_cached_classifier(cache, key, len(names)))
+    return out
 
 
 # --------------------------------------------------------------------- 3. student precisions
@@ -208,13 +253,20 @@ def student_precisions(size: int, iters: int, batch: int, rounds: int = 3) -> di
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="small", help="small (a 6-layer ViT at 96 px, 2-layer "
-                   "text tower at context 77) or an open_clip model name, e.g. ViT-B-16")
+    p.add_argument("--model", default="small", help="image pass: small (a 6-layer ViT at 96 px) "
+                   "or an open_clip model name, e.g. ViT-B-16")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--image-classes", type=int, default=10)
-    p.add_argument("--classes", type=int, default=1000, help="classifier build: class count")
-    p.add_argument("--templates", type=int, default=80, help="classifier build: OpenAI "
+    p.add_argument("--precisions", default="auto", help="image pass: comma list of fp32, bf16, "
+                   "auto (what --precision auto picks here)")
+    p.add_argument("--text-towers", default="ViT-B-16,EVA02-L-14", help="class weights: open_clip "
+                   "models whose text towers are measured (random weights); the first is also "
+                   "run through open_clip's builder, side by side")
+    p.add_argument("--classes", type=int, default=10, help="class weights: ImageNet classes "
+                   "spread over the 1000 (projected to 1000 linearly)")
+    p.add_argument("--templates", type=int, default=80, help="class weights: OpenAI "
                    "templates used (up to 80)")
+    p.add_argument("--text-precision", default="auto", help="class weights: fp32, bf16 or auto")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=max(0, min(8, (os.cpu_count() or 1) - 1)))
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; best kept")
@@ -223,51 +275,64 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     all_templates = [t("{c}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    cpu = torch.device("cpu")
+    auto = resolve_precision("auto", cpu)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs, cpu capability {torch.backends.cpu.get_cpu_capability()}; "
-          f"uta precision auto -> {resolve_precision('auto', torch.device('cpu'))}")
+          f"uta precision auto -> {auto}")
     with tempfile.TemporaryDirectory() as tmp:
-        clip_dir = write_clip(os.path.join(tmp, "clip"), args.model)
         if "throughput" not in skip:
+            clip_dir = write_clip(os.path.join(tmp, "clip"), args.model)
             data = os.path.join(tmp, "images")
             write_images(data, args.images, args.image_classes)
             templates = all_templates[:8]
-            auto = resolve_precision("auto", torch.device("cpu"))
-            sides = {
-                "plain open_clip loop (fp32)": lambda: plain_loop(
-                    clip_dir, data, [f"class {c:03d}" for c in range(args.image_classes)],
-                    templates, args.batch, args.workers),
-                f"uta zeroshot loop (auto = {auto})": lambda: uta_loop(
-                    clip_dir, data, templates, args.batch, args.workers, auto),
-            }
-            if auto != "bf16":  # show what forcing bf16 costs here
-                sides["uta zeroshot loop (bf16)"] = lambda: uta_loop(
-                    clip_dir, data, templates, args.batch, args.workers, "bf16")
+            names = [f"class {c:03d}" for c in range(args.image_classes)]
+            sides = {}
+            for prec in dict.fromkeys(auto if q == "auto" else q
+                                      for q in args.precisions.split(",")):
+                sides[f"plain open_clip loop ({prec})"] = (prec, lambda prec=prec: plain_loop(
+                    clip_dir, data, names, templates, args.batch, args.workers, prec))
+                sides[f"uta zeroshot loop ({prec})"] = (prec, lambda prec=prec: uta_loop(
+                    clip_dir, data, templates, args.batch, args.workers, prec))
             best: dict[str, tuple[float, torch.Tensor]] = {}
             for _ in range(args.repeats):  # interleaved, so drifting machine load hits all
-                for name, fn in sides.items():
+                for name, (_, fn) in sides.items():
                     seconds, preds, _ = fn()
                     if name not in best or seconds < best[name][0]:
                         best[name] = (seconds, preds)
-            base_s, base_pred = best["plain open_clip loop (fp32)"]
-            print(f"\n1. Image throughput: {args.images} JPEGs (256x320), {args.model} at "
-                  f"{SMALL_CLIP['vision_cfg']['image_size'] if args.model == 'small' else ''}"
-                  f" px, batch {args.batch}, {args.workers} workers, best of {args.repeats}")
+            size = SMALL_CLIP["vision_cfg"]["image_size"] if args.model == "small" else \
+                open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
+            print(f"\n1. Image pass: {args.images} JPEGs ({IMAGE_HW[1]}x{IMAGE_HW[0]}), "
+                  f"{args.model} at {size} px, batch {args.batch}, {args.workers} workers, "
+                  f"best of {args.repeats}")
             print(f"   {'path':34s} {'images/s':>9s} {'vs plain':>9s} {'top-1 agreement':>16s}")
             for name, (seconds, preds) in best.items():
+                prec = sides[name][0]
+                base_s, base_pred = best[f"plain open_clip loop ({prec})"]
                 agree = (preds == base_pred).float().mean().item()
                 print(f"   {name:34s} {args.images / seconds:9.1f} {base_s / seconds:8.2f}x "
                       f"{agree:16.4f}")
         if "build" not in skip:
             templates = all_templates[:args.templates]
-            r = classifier_builds(clip_dir, args.classes, templates)
-            s = r["seconds"]
-            one = s["one class at a time"]
-            print(f"\n2. Classifier build: {args.classes} classes x {len(templates)} templates "
-                  f"-> {tuple(r['shape'])}, max |difference| {r['max_abs_diff']:.1e}")
-            print(f"   {'builder':34s} {'seconds':>9s} {'speed-up vs one class at a time':>32s}")
-            for name, sec in s.items():
-                print(f"   {name:34s} {sec:9.4f} {one / sec:31.1f}x")
+            prec = auto if args.text_precision == "auto" else args.text_precision
+            towers = [t for t in args.text_towers.split(",") if t]
+            print(f"\n2. Class weights: {args.classes} ImageNet classes (spread over the 1000) "
+                  f"x {len(templates)} templates, random-weight text towers, {prec} weights, "
+                  f"best of {args.repeats}; 1000-class time projected linearly")
+            print(f"   {'text tower':11s} {'builder':38s} {'seconds':>9s} {'vs open_clip':>13s} "
+                  f"{'1000 x ' + str(len(templates)):>11s} {'max |diff|':>10s}")
+            for i, tower in enumerate(towers):
+                sides = BUILDERS if i == 0 else BUILDERS[:1]
+                r = class_weights(tower, args.classes, templates, prec, sides, args.repeats)
+                ref = r["seconds"].get("open_clip build_zero_shot_classifier")
+                for name, sec in r["seconds"].items():
+                    ratio = f"{sec / ref:12.2f}x" if ref else f"{'':13s}"
+                    diff = r["max_abs_diff_vs_open_clip"].get(name)
+                    print(f"   {tower:11s} {name:38s} {sec:9.2f} {ratio} "
+                          f"{sec * 1000 / args.classes / 60:8.1f} min "
+                          + (f"{diff:10.1e}" if diff is not None else ""))
+                print(f"   {tower:11s} {'(' + r['note'] + ')'}")
+            print(f"   cache load of the weights: {r['cache load'] * 1000:.1f} ms")
         if "precision" not in skip:
             r = student_precisions(96 if args.model == "small" else 224, 3, 16)
             print("\n3. Student (EVA-style, width 384, depth 6) images/s by precision path:")

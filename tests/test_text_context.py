@@ -202,3 +202,23 @@ def test_zeroshot_reports_caches_and_keys_the_text_context(release_and_images, t
     result = runner.invoke(app, ["zeroshot", "--ckpt", ckpt, "--dataset", images,
                                  "--text-context", "half"])
     assert result.exit_code == 2 and "--text-context" in result.output
+
+
+def test_finetune_head_and_export_take_the_text_context(monkeypatch, tmp_path):
+    from uta_cli.export import ExportOptions, check_options
+    from uta_cli.finetune import class_embeddings
+    from uta_cli.models.teacher import TeacherIdentity
+
+    monkeypatch.setenv("UTA_CACHE_DIR", str(tmp_path))
+    clip, tokenizer = clip_tower(), open_clip.get_tokenizer("ViT-B-16")
+    ident = TeacherIdentity(model="ViT-B-16", weights="", weights_fingerprint="1:ab",
+                            embed_dim=48, image_size=32, mean=[0.5] * 3, std=[0.5] * 3,
+                            interpolation="bicubic")
+    names = CLASSNAMES[:4]
+    got = {c: class_embeddings(clip, tokenizer, ident, True, names, TEMPLATES, "cpu", c)
+           for c in Z.TEXT_CONTEXTS}
+    assert (got["trimmed"] - got["full"]).abs().max().item() < 1e-5
+    assert len(os.listdir(tmp_path / "classifiers")) == 2  # one cache entry per context
+    with pytest.raises(UtaUsageError, match="--text-context"):
+        check_options(ExportOptions(ckpt="x", format="torchscript", output="y",
+                                    output_kind="classifier", text_context="short"))

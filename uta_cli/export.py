@@ -106,6 +106,7 @@ class ExportOptions:
     force: bool = False
     teacher_weights: str = ""
     ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
+    text_context: str = "trimmed"  # zeroshot.TextEncoder: trimmed | full
 
 
 @dataclass
@@ -267,6 +268,7 @@ def check_options(opts: ExportOptions) -> tuple[str, str, float]:
             f"'{kind}' head. Drop --output-kind, or use --format onnx, torchscript or pt2.")
     if kind != "classifier" and opts.classnames:
         raise UtaUsageError("--classnames is used only with --output-kind classifier.")
+    _choice(opts.text_context, ("trimmed", "full"), "--text-context")
     if opts.opset is not None and fmt != "onnx":
         raise UtaUsageError("--opset applies to --format onnx only.")
     if fmt == "onnx":
@@ -691,12 +693,12 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
 
         teacher = teacher_from_meta(meta, opts.teacher_weights or _local_teacher_dir(meta))
     if kind == "classifier":
-        from uta_cli.zeroshot import build_classifier
+        from uta_cli.zeroshot import TextEncoder, build_classifier
 
         say(f"building a zero-shot head: {len(classnames)} classes x {len(templates)} templates "
             f"through {teacher.identity.model}")
-        classifier = build_classifier(teacher.clip.encode_text, teacher.tokenizer, classnames,
-                                      templates, "cpu")
+        classifier = build_classifier(TextEncoder(teacher.clip, opts.text_context),
+                                      teacher.tokenizer, classnames, templates, "cpu")
     module = ExportModule(student, kind, classifier).eval()
     metadata = build_metadata(meta, fmt, kind, student, classnames, templates)
     size = metadata["input_size"][1]

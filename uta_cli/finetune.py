@@ -73,6 +73,8 @@ from uta_cli.tasks.contrastive import (
     uta_clip,
 )
 from uta_cli.zeroshot import (
+    TEXT_CONTEXTS,
+    TextEncoder,
     build_classifier,
     classifier_cache_key,
     evaluate,
@@ -111,6 +113,9 @@ def check_recipe(recipe: Recipe) -> None:
     if not 0 < f.layer_decay <= 1:
         raise UtaUsageError(f"finetune.layer_decay must be in (0, 1] (1 = off; EVA-02 uses "
                             f"0.65 for ViT-B); got {f.layer_decay}.")
+    if f.text_context not in TEXT_CONTEXTS:
+        raise UtaUsageError(f"finetune.text_context must be one of {', '.join(TEXT_CONTEXTS)}; "
+                            f"got {f.text_context!r}.")
     if not 0 <= f.label_smoothing < 1:
         raise UtaUsageError(f"finetune.label_smoothing must be in [0, 1); got "
                             f"{f.label_smoothing}.")
@@ -401,19 +406,21 @@ def train_source(recipe: Recipe, data: DataSpec, transform, rank: int, world: in
 
 def class_embeddings(clip: nn.Module, tokenizer, identity, cacheable: bool,
                      classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu",
+                     text_context: str = "trimmed") -> torch.Tensor:
     """(embed_dim, num_classes): zeroshot.py's class weights (fp32, on `device`, the text tower
     moved there for the encoding only), through its disk cache (shared with `uta zeroshot`)
     unless the text tower was tuned (its identity would not tell it from the original)."""
     cache_dir = os.path.join(cache_root(), "classifiers")
-    key = classifier_cache_key(identity.to_dict(), classnames, templates, "float32")
+    encode = TextEncoder(clip, text_context)
+    key = classifier_cache_key(identity.to_dict(), classnames, templates, "float32",
+                               text_context=encode.context)
     if cacheable:
         cached = load_cached_classifier(cache_dir, key, len(classnames))
         if cached is not None:
             return cached
     clip.to(device)
-    weights = build_classifier(clip.encode_text, tokenizer, classnames, templates,
-                               device).cpu()
+    weights = build_classifier(encode, tokenizer, classnames, templates, device).cpu()
     clip.to("cpu")
     if cacheable:
         save_cached_classifier(cache_dir, key, weights, {"teacher": identity.model,
@@ -424,12 +431,14 @@ def class_embeddings(clip: nn.Module, tokenizer, identity, cacheable: bool,
 
 
 def zeroshot_accuracy(clip: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                      batches, view: View, device: torch.device, autocast) -> dict[str, float]:
+                      batches, view: View, device: torch.device, autocast,
+                      text_context: str = "trimmed") -> dict[str, float]:
     """zeroshot.py's protocol with `clip`'s own towers (the tuned ones during tuning)."""
     was_training = clip.training
     clip.eval()
     with autocast:
-        classifier = build_classifier(clip.encode_text, tokenizer, classnames, templates, device)
+        classifier = build_classifier(TextEncoder(clip, text_context), tokenizer, classnames,
+                                      templates, device)
         result = evaluate(clip.encode_image,
                           ((normalize(b[view.name].to(device), view), b["label"])
                            for b in batches if view.name in b), classifier)
@@ -501,7 +510,8 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
         say(f"[dim]zero-shot head: {len(data.classnames)} class names x {len(data.templates)} "
             f"templates through the teacher's text tower[/dim]")
         head: nn.Module = ZeroShotHead(proj, class_embeddings(*text, data.classnames,
-                                                               data.templates, acc.device))
+                                                               data.templates, acc.device,
+                                                               f.text_context))
     else:
         head = nn.Linear(width, data.num_classes)
         nn.init.trunc_normal_(head.weight, std=2e-5)  # near-zero start, as EVA-02 / MAE
@@ -597,7 +607,8 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     if batches is not None and data.classnames:
         def validate(clip: nn.Module) -> dict:
             r = zeroshot_accuracy(clip, teacher.tokenizer, data.classnames, data.templates,
-                                  batches(), view, acc.device, acc.autocast())
+                                  batches(), view, acc.device, acc.autocast(),
+                                  f.text_context)
             return {"val_zeroshot_acc1": r["acc1"], "val_zeroshot_acc5": r["acc5"]}
     else:
         say("[yellow]No labelled validation data with class names (data.val_source, "
@@ -628,7 +639,8 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
             teacher.clip.to(acc.device)
             r = zeroshot_accuracy(teacher.clip, teacher.tokenizer, data.classnames,
                                   data.templates, eval_loader(teacher_val, 256, 0),
-                                  teacher_view, acc.device, contextlib.nullcontext())
+                                  teacher_view, acc.device, contextlib.nullcontext(),
+                                  f.text_context)
             return {"teacher_zeroshot_acc1": r["acc1"], "teacher_zeroshot_acc5": r["acc5"]}
     return task, reference
 

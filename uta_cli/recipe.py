@@ -156,6 +156,9 @@ class FinetuneConfig:
     # Initialise the classifier from the teacher's text embeddings of the class names (in the
     # joint space), so that training starts at the zero-shot accuracy instead of chance.
     zeroshot_head: bool = False
+    # Text forwards for class weights: "trimmed" (each only up to its longest prompt; exact for
+    # causal, end-of-text pooled CLIP text towers, others use the full context) or "full".
+    text_context: str = "trimmed"
     layer_decay: float = 1.0  # lr of layer i: decay^(depth + 1 - i); 1 = off
     label_smoothing: float = 0.0
     mixup: float = 0.0  # mixup alpha (timm Mixup); 0 = off

@@ -40,6 +40,10 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved (classifier, open-clip)."),
+    text_context: str = typer.Option("trimmed", "--text-context", help="Class weights of "
+                                     "--output-kind classifier: trimmed (each text forward "
+                                     "only up to its longest prompt, exact for causal CLIP "
+                                     "text towers) or full (the whole context)."),
 ) -> None:
     """Export a UTA student for deployment, then load it back and check it against PyTorch.
 
@@ -74,7 +78,8 @@ def export(
         opts = ExportOptions(ckpt=ckpt, format=format_, output=output, output_kind=output_kind,
                              classnames=classnames, templates=templates, opset=opset, atol=atol,
                              min_cosine=min_cosine, verify=not no_verify, force=force,
-                             teacher_weights=teacher_weights, ckpt_format=ckpt_format)
+                             teacher_weights=teacher_weights, ckpt_format=ckpt_format,
+                             text_context=text_context)
         try:
             export_checkpoint(opts, say=typer.echo)
         except UtaUsageError as e:
