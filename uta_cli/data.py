@@ -42,6 +42,13 @@ class View:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = "bicubic"
+    # Evaluation only (training crops are random): open_clip's resize_mode, i.e. how the image
+    # meets the square input: shortest side + centre crop, longest side + centre pad, or squash.
+    resize_mode: str = "shortest"
+    fill: int = 0  # the padding value of resize_mode "longest"
+
+
+RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -50,10 +57,51 @@ def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 def normalize(images: torch.Tensor, view: View) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float. Done per batch, on the device: cheaper than per
-    image in the loader, and uint8 moves 4x fewer bytes to the GPU."""
-    mean = torch.tensor(view.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(view.std, device=images.device).view(1, 3, 1, 1) * 255.0
-    return (images.float() - mean) / std
+    image in the loader, and uint8 moves 4x fewer bytes to the GPU. The arithmetic is
+    torchvision's ToTensor + Normalize, `(x / 255 - mean) / std` in fp32, so the values are
+    bit-identical to open_clip's preprocess."""
+    mean = torch.tensor(view.mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(view.std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    return images.float().div(255).sub_(mean).div_(std)
+
+
+def eval_resize_crop(img: Image.Image, size: int, interpolation: str = "bicubic",
+                     resize_mode: str = "shortest", fill: int = 0) -> Image.Image:
+    """The evaluation resize and crop with the arithmetic of open_clip's preprocess (torchvision
+    Resize, CenterCrop; open_clip's ResizeKeepRatio, CenterCropOrPad), pixel for pixel:
+
+    - shortest: the short side becomes `size`, the long side `int(size * long / short)`
+      (truncated, as torchvision's Resize), then a centre crop whose offset is
+      `int(round((side - size) / 2))` (Python's round: halves to even).
+    - longest: both sides scaled by `size / long` and rounded, then padded with `fill` to a
+      square (left/top get the smaller half) and centre-cropped.
+    - squash: resized to size x size, the aspect ratio ignored.
+    """
+    resample = _RESAMPLE[interpolation]
+    w, h = img.size
+    if resize_mode == "squash":
+        return img.resize((size, size), resample) if (w, h) != (size, size) else img
+    if resize_mode == "longest":
+        ratio = max(h / size, w / size)
+        nh, nw = round(h / ratio), round(w / ratio)
+    elif resize_mode == "shortest":
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        nw, nh = (size, new_long) if w <= h else (new_long, size)
+    else:
+        raise UtaUsageError(f"resize_mode {resize_mode!r} is not one of: "
+                            f"{', '.join(RESIZE_MODES)}.")
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), resample)
+    if nw < size or nh < size:  # only "longest" can leave a side short: pad, centred
+        left, top = max(size - nw, 0) // 2, max(size - nh, 0) // 2
+        canvas = Image.new(img.mode, (max(nw, size), max(nh, size)), (fill,) * len(img.getbands()))
+        canvas.paste(img, (left, top))
+        img, (nw, nh) = canvas, canvas.size
+        if (nw, nh) == (size, size):
+            return img
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 def _render(img: Image.Image, views: list[View], box: tuple[int, ...] | None,
@@ -62,15 +110,11 @@ def _render(img: Image.Image, views: list[View], box: tuple[int, ...] | None,
     out: dict[str, torch.Tensor] = {}
     done: dict[tuple[int, str], torch.Tensor] = {}
     for view in views:
-        key = (view.size, view.interpolation)
+        key = (view.size, view.interpolation, view.resize_mode, view.fill)
         if key not in done:
-            if box is None:  # resize the short side, centre crop
-                scale = view.size / min(img.width, img.height)
-                w = max(view.size, round(img.width * scale))
-                h = max(view.size, round(img.height * scale))
-                left, top = (w - view.size) // 2, (h - view.size) // 2
-                im = img.resize((w, h), _RESAMPLE[view.interpolation])
-                im = im.crop((left, top, left + view.size, top + view.size))
+            if box is None:  # evaluation: exactly open_clip's preprocess
+                im = eval_resize_crop(img, view.size, view.interpolation, view.resize_mode,
+                                      view.fill)
             else:
                 im = img.resize((view.size, view.size), _RESAMPLE[view.interpolation], box=box)
             if flip:
@@ -124,7 +168,9 @@ class TrainTransform:
 
 
 class EvalTransform:
-    """Resize the short side, centre crop (the zero-shot protocol, docs/method.md §6)."""
+    """Each view's evaluation resize and crop (`eval_resize_crop`; by default the zero-shot
+    protocol of docs/method.md §6: resize the short side, centre crop), identical to open_clip's
+    preprocess."""
 
     def __init__(self, views: list[View]):
         self.views = views

@@ -41,6 +41,9 @@ class TeacherIdentity:
     interpolation: str
     model_cfg: dict = field(default_factory=dict)
     weights_layout: str = "open_clip"  # or "eva-clip": BAAI's native file, converted on load
+    # open_clip's eval resize (shortest | longest | squash); runs recorded before it load as
+    # "shortest", open_clip's default.
+    resize_mode: str = "shortest"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -131,7 +134,7 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         mean=[float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
         std=[float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
         interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg,
-        weights_layout=layout)
+        weights_layout=layout, resize_mode=str(pp.get("resize_mode") or "shortest"))
     return clip, identity
 
 

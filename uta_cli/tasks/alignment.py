@@ -114,4 +114,5 @@ class AlignmentTask:
                 "mask": dataclasses.asdict(self.recipe.mask),
                 "student_preprocess": {"size": self.recipe.student.image_size,
                                        "mean": self.recipe.data.mean, "std": self.recipe.data.std,
-                                       "interpolation": "bicubic"}}
+                                       "interpolation": "bicubic",
+                                       "resize_mode": "shortest"}}
