@@ -564,3 +564,23 @@ def test_cli_reports_bad_input_as_exit_2(tmp_path):
                           str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "task: classification" in " ".join(out.stderr.split())
+
+
+def test_classnames_file_in_another_order_maps_to_the_folders(tmp_path):
+    from uta_cli.data import EvalTransform, View
+    from uta_cli.finetune import open_data
+
+    classes = ("red_thing", "blue_thing", "green_thing")
+    write_images(tmp_path / "train", 6, classes=classes)
+    view = View("image", 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    names = tmp_path / "names.txt"
+    names.write_text("red thing\ngreen thing\nblue thing\n")
+    recipe = recipe_for("classification", "unused", **{"data.source": str(tmp_path / "train"),
+                                                       "finetune.classnames": str(names)})
+    data = open_data(recipe, EvalTransform([view]), EvalTransform([view]), 0, 1)
+    assert data.classnames == ["blue thing", "green thing", "red thing"]  # label order
+    assert "mapped by name" in data.classnames_note
+    names.write_text("rot\ngruen\nblau\n")
+    data = open_data(recipe, EvalTransform([view]), EvalTransform([view]), 0, 1)
+    assert data.classnames == ["rot", "gruen", "blau"]
+    assert "'blue thing' -> 'rot'" in data.classnames_note

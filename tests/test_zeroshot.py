@@ -610,3 +610,134 @@ def test_two_processes_equal_one(setup, tmp_path):
     assert two["teacher_result"]["metrics"] == one["teacher_result"]["metrics"]
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
     assert out.stdout.count("Zero-shot classification") == 1  # printed by rank 0 only
+
+
+# ------------------------------------------------------------------ parity on non-square images
+
+
+NON_SQUARE = [(53, 37), (37, 53), (41, 40), (40, 41), (97, 75), (75, 97), (33, 60), (60, 33),
+              (45, 45)]
+
+
+def write_non_square_images(folder, per_class: int, seed: int = 3) -> None:
+    rng = np.random.default_rng(seed)
+    for c in CLASSES:
+        os.makedirs(os.path.join(folder, c), exist_ok=True)
+        for i in range(per_class):
+            w, h = NON_SQUARE[int(rng.integers(len(NON_SQUARE)))]
+            y, x = np.mgrid[0:h, 0:w] / max(w, h)
+            img = rng.uniform(0, 1, (1, 1, 3)) + rng.uniform(-0.5, 0.5, (1, 1, 3)) * x[..., None] \
+                + rng.normal(0, rng.uniform(0, 0.4), (h, w, 3)) * y[..., None]
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
+                os.path.join(folder, c, f"{i:03d}.png"))
+
+
+def test_non_square_images_give_open_clips_predictions_image_for_image(setup, tmp_path):
+    """Per-image top-5 of both models equal a plain open_clip + torchvision loop (ImageFolder,
+    the model's own preprocess), on non-square images, with a teacher whose preprocess is
+    resize_mode 'longest' and a student recorded as 'squash' with bilinear resampling."""
+    import torchvision
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from rich.console import Console
+
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.models.student import student_from_checkpoint
+
+    data = tmp_path / "images"
+    write_non_square_images(data, 5)
+    # the same teacher weights with another preprocess: the fingerprint still matches
+    clip_dir = tmp_path / "clip_longest"
+    shutil.copytree(setup["clip"], clip_dir)
+    cfg = json.loads((clip_dir / "open_clip_config.json").read_text())
+    cfg["preprocess_cfg"]["resize_mode"] = "longest"
+    (clip_dir / "open_clip_config.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    meta_path = os.path.join(ckpt.resolve_checkpoint(str(run)), "meta.json")
+    meta = json.loads(open(meta_path).read())
+    assert meta["student_preprocess"]["resize_mode"] == "shortest"  # recorded by pre-training
+    assert meta["teacher"]["resize_mode"] == "shortest"
+    meta["student_preprocess"].update(resize_mode="squash", interpolation="bilinear")
+    open(meta_path, "w").write(json.dumps(meta))
+
+    cpu = torch.device("cpu")
+    console = Console(quiet=True)
+    encoders, teacher, _ = build_encoders(str(run), cpu, "fp32", True, str(clip_dir))
+    assert [e.view.resize_mode for e in encoders] == ["squash", "longest"]
+    evalset = resolve_dataset(str(data))
+    weights = build_classifier(lambda t: teacher.clip.encode_text(t), teacher.tokenizer,
+                               evalset.classnames, list(TEMPLATES))
+    part = classify_shard(*shard_loader(evalset, EvalTransform([e.view for e in encoders]), 0, 1,
+                                        7, 0, False),
+                          encoders, {"student": weights, "teacher": weights}, cpu, console, False)
+
+    clip, _, teacher_preprocess = open_clip.create_model_and_transforms(f"local-dir:{clip_dir}")
+    clip.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{clip_dir}")
+    ref_weights = open_clip.build_zero_shot_classifier(
+        clip, tokenizer, evalset.classnames, [t.replace("{c}", "{}") for t in TEMPLATES])
+    student, smeta = student_from_checkpoint(str(run))
+    sp = smeta["student_preprocess"]
+    student_preprocess = image_transform_v2(PreprocessCfg(
+        size=sp["size"], mean=sp["mean"], std=sp["std"], interpolation="bilinear",
+        resize_mode="squash"), is_train=False)
+
+    for role, preprocess, encode in (("teacher", teacher_preprocess, clip.encode_image),
+                                     ("student", student_preprocess, student.encode_image)):
+        folder = torchvision.datasets.ImageFolder(str(data), transform=preprocess)
+        tops, labels = [], []
+        with torch.no_grad():
+            for x, y in torch.utils.data.DataLoader(folder, batch_size=7):
+                logits = 100.0 * F.normalize(encode(x).float(), dim=-1) @ ref_weights
+                tops.append(logits.topk(5, dim=-1).indices)
+                labels.append(y)
+        want = torch.cat(tops)
+        got = part["predictions"][role]
+        assert got.sample_ids.tolist() == list(range(len(folder)))  # folder order, no skips
+        assert got.labels.tolist() == torch.cat(labels).tolist()
+        assert len(set(want[:, 0].tolist())) >= 2, role  # not a constant prediction
+        assert torch.equal(got.topk, want), role
+
+
+# ---------------------------------------------------------------------- class names in a file
+
+
+def test_classnames_file_in_another_order_is_mapped_by_name(setup, tmp_path):
+    """The folder names shuffled: each name still scores its own folder (the same numbers as
+    without --classnames), and the run says it mapped them; other names keep the file's order
+    and the first pairings are printed."""
+    names = [c.replace("_", " ") for c in sorted(CLASSES)]
+    shuffled = tmp_path / "shuffled.txt"
+    shuffled.write_text("\n".join(reversed(names)) + "\n")
+    base = ("--ckpt", setup["run"], "--dataset", setup["data"], "--templates",
+            setup["templates"], "--precision", "fp32", "--cache-dir", "none", "--workers", "0")
+    plain = zs_json(tmp_path, *base, "--per-class", tmp_path / "plain.csv", name="plain.json")
+    result = zs(*base, "--classnames", shuffled, "--output-json", tmp_path / "mapped.json",
+                "--per-class", tmp_path / "mapped.csv")
+    assert result.exit_code == 0, result.output
+    assert "mapped by name" in " ".join(result.output.split())
+    mapped = json.loads((tmp_path / "mapped.json").read_text())
+    assert mapped["metrics"] == plain["metrics"]
+    # per class: the same names in label order, the same hits
+    assert (tmp_path / "mapped.csv").read_text() == (tmp_path / "plain.csv").read_text()
+
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"thing {i}" for i in range(6)) + "\n")
+    result = zs(*base, "--classnames", other)
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0 and "not the folder names" in out
+    assert "'big_dog' -> 'thing 0'" in out and "'bird' -> 'thing 1'" in out
+    assert resolve_dataset(setup["data"], classnames_file=str(shuffled)).classnames == names
+
+
+def test_match_classnames_cases():
+    from uta_cli.datasets import match_classnames
+
+    folders = ["a_b", "c", "d"]
+    assert match_classnames(["a b", "c", "d"], folders, "f") == (["a b", "c", "d"], "")
+    names, note = match_classnames(["d", "a_b", "c"], folders, "f")
+    assert names == ["a_b", "c", "d"] and "mapped by name" in note
+    names, note = match_classnames(["x", "y", "z"], folders, "f", shown=2)
+    assert names == ["x", "y", "z"] and "'a_b' -> 'x', 'c' -> 'y', ..." in note
+    names, note = match_classnames(["c", "c", "d"], folders, "f")  # a duplicate: no mapping
+    assert names == ["c", "c", "d"] and "not the folder names" in note

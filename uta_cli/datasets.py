@@ -233,6 +233,34 @@ def index_image_folder(url: str, layout: str = "auto") -> ImageFolderIndex:
     )
 
 
+def folder_classname(folder: str) -> str:
+    """A class folder's name as a class name: underscores as spaces."""
+    return folder.replace("_", " ").strip()
+
+
+def match_classnames(names: list[str], folders: list[str], source: str,
+                     shown: int = 5) -> tuple[list[str], str]:
+    """Class names from a file, put in label order (the folders' sorted order), plus a line to
+    print. When the file lists exactly the folder names (after `_` -> space) in another order,
+    each name goes to its folder's label; when it lists other names, they keep the file's order
+    and the first pairings are shown so a wrong order is seen. Equal lengths are assumed (a
+    length mismatch is the caller's error)."""
+    keys = [folder_classname(n) for n in names]
+    by_folder = [folder_classname(f) for f in folders]
+    if keys == by_folder:
+        return list(names), ""
+    if sorted(keys) == sorted(by_folder) and len(set(keys)) == len(keys):
+        where = {k: i for i, k in enumerate(keys)}
+        return ([names[where[k]] for k in by_folder],
+                f"class names in {source} are the folder names in another order: mapped by name "
+                f"(label i = folder i of the sorted folders).")
+    pairs = ", ".join(f"{f!r} -> {n!r}" for f, n in zip(folders[:shown], names[:shown]))
+    return (list(names),
+            f"class names in {source} are not the folder names: paired in file order with the "
+            f"sorted folders ({pairs}{', ...' if len(names) > shown else ''}). Check that line "
+            f"i names folder i.")
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to an RGB PIL image; ValueError on corrupt or truncated data."""
     try:

@@ -44,7 +44,14 @@ from torch.utils.data import DataLoader
 
 from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
-from uta_cli.data import ArrayImageDataset, EvalTransform, View, detect_format, normalize
+from uta_cli.data import (
+    RESIZE_MODES,
+    ArrayImageDataset,
+    EvalTransform,
+    View,
+    detect_format,
+    normalize,
+)
 from uta_cli.datasets import (
     TAR_SUFFIXES,
     ImageFolderDataset,
@@ -52,7 +59,9 @@ from uta_cli.datasets import (
     TarShardDataset,
     collate_skip_none,
     expand_shard_urls,
+    folder_classname,
     index_image_folder,
+    match_classnames,
 )
 from uta_cli.errors import UtaUsageError
 from uta_cli.zeroshot import (
@@ -190,6 +199,7 @@ class EvalSet:
     demo_labels: object = None
     shards: list[str] | None = None
     captions: list[list[str]] | None = None  # retrieval: the captions of image i
+    classnames_note: str = ""  # how --classnames was paired with the folders, to print
 
     @property
     def num_samples(self) -> int | None:
@@ -314,13 +324,16 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
         index = index_image_folder(dataset, "classes")
     except UtaUsageError as e:
         raise UtaUsageError(f"{e} {_CLASSES_LAYOUT}") from None
+    note = ""
     if classnames_file:
         names = _apply_classnames_file(classnames_file, len(index.classes),
                                        f"the folder {dataset}")
+        names, note = match_classnames(names, index.classes, classnames_file)
         source = classnames_file
     else:
-        names, source = [c.replace("_", " ") for c in index.classes], "folder names"
-    return EvalSet(dataset, "folder", dataset, names, source, "openai", index=index)
+        names, source = [folder_classname(c) for c in index.classes], "folder names"
+    return EvalSet(dataset, "folder", dataset, names, source, "openai", index=index,
+                   classnames_note=note)
 
 
 def resolve_eval_templates(spec: str, evalset: EvalSet) -> tuple[str, list[str]]:
@@ -499,10 +512,23 @@ class Encoder:
     text: CLIPTeacher
 
 
-def eval_view(name: str, size: int, mean, std, interpolation: str) -> View:
+def eval_view(name: str, size: int, mean, std, interpolation: str,
+              resize_mode: str = "shortest", fill: int = 0) -> View:
+    """A model's evaluation preprocessing. open_clip runs anything but bilinear as bicubic."""
     interpolation = interpolation if interpolation in _RESAMPLING else "bicubic"
+    if resize_mode not in RESIZE_MODES:
+        raise UtaUsageError(f"The recorded resize_mode {resize_mode!r} is not one of: "
+                            f"{', '.join(RESIZE_MODES)}.")
     return View(name, int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
-                interpolation)
+                interpolation, resize_mode, int(fill))
+
+
+def teacher_view(name: str, teacher: CLIPTeacher) -> View:
+    """The teacher's own open_clip preprocess (its preprocess_cfg), at its input size."""
+    ident = teacher.identity
+    pp = getattr(getattr(teacher, "visual", None), "preprocess_cfg", None) or {}
+    return eval_view(name, teacher.image_size, ident.mean, ident.std, ident.interpolation,
+                     getattr(ident, "resize_mode", "shortest"), int(pp.get("fill_color") or 0))
 
 
 def student_label(meta: dict) -> str:
@@ -538,14 +564,14 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     ident = teacher.identity
     sp = meta.get("student_preprocess") or {}
     student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
-                         sp.get("mean", ident.mean), sp.get("std", ident.std),
-                         sp.get("interpolation", "bicubic"))
+                             sp.get("mean", ident.mean), sp.get("std", ident.std),
+                             sp.get("interpolation", "bicubic"),
+                             sp.get("resize_mode", "shortest"))
     encoders = [Encoder("student", student_label(meta), meta["checkpoint_dir"], student_view,
                         StudentEncoder(student, device, precision), teacher)]
     if with_teacher:
         encoders.append(Encoder("teacher", ident.model, ident.weights or ident.model,
-                                eval_view("teacher", original.image_size, ident.mean, ident.std,
-                                          ident.interpolation), original.encode_image,
+                                teacher_view("teacher", original), original.encode_image,
                                 original))
     return encoders, teacher, meta
 
@@ -837,6 +863,8 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
         + f") | {', '.join(roles)} | {precision} on {device.type}"
         + (f" x {state.num_processes} processes" if state.num_processes > 1 else ""),
         highlight=False)
+    if evalset.classnames_note:
+        say(f"[yellow]{escape(evalset.classnames_note)}[/yellow]", highlight=False)
 
     cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir
     if not cache_dir and opts.cache_dir.lower() != "none":
@@ -889,7 +917,7 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                  "num_samples": r["num_samples"], "image_size": e.view.size,
                  "preprocess": {"size": e.view.size, "mean": list(e.view.mean),
                                 "std": list(e.view.std), "interpolation": e.view.interpolation,
-                                "resize": "shortest side, centre crop"}}
+                                "resize_mode": e.view.resize_mode}}
         if not classification:
             entry["num_texts"] = r["num_texts"]
         entries[e.role] = entry

@@ -38,7 +38,7 @@ from uta_cli.data import (
     normalize,
     open_dataset,
 )
-from uta_cli.datasets import ImageFolderDataset, ImageFolderIndex
+from uta_cli.datasets import ImageFolderDataset, ImageFolderIndex, match_classnames
 from uta_cli.demo import cache_root, ensure_demo_teacher
 from uta_cli.demo_data import CLASSNAMES as DEMO_CLASSNAMES
 from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
@@ -250,6 +250,7 @@ class DataSpec:
     num_classes: int
     templates: list[str]
     kind: str  # demo | folder | tar | captions
+    classnames_note: str = ""  # how finetune.classnames was paired with the folders
 
 
 def _classnames(recipe: Recipe, found: list[str] | None) -> list[str] | None:
@@ -381,6 +382,9 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
                             f"{', ...' if len(found) > 3 else ''}). Give one name per class, in "
                             f"the folders' sorted order, or --set finetune.classnames= to use "
                             f"the folder names.")
+    note = ""
+    if found is not None and classnames is not None and f.classnames not in ("", "imagenet"):
+        classnames, note = match_classnames(classnames, found, f.classnames)
     num_classes = f.num_classes or (len(classnames) if classnames else 0)
     if recipe.task == "classification" and num_classes < 1:
         raise UtaUsageError("The number of classes is unknown: tar shards carry integer labels "
@@ -391,7 +395,7 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
                             f"{len(classnames)} class names; make them agree.")
     if val is not None:
         val = _subset(val, d.val_samples)  # 0 = all
-    return DataSpec(train, val, classnames, num_classes, _templates(recipe, kind), kind)
+    return DataSpec(train, val, classnames, num_classes, _templates(recipe, kind), kind, note)
 
 
 def train_source(recipe: Recipe, data: DataSpec, transform, rank: int, world: int) -> Source:
@@ -498,6 +502,8 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
                                          recipe.seed, f.randaugment)
     data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
                      acc.num_processes)
+    if data.classnames_note:
+        say(f"[yellow]{data.classnames_note}[/yellow]")
     if f.zeroshot_head:
         if proj is None:
             raise UtaUsageError("finetune.zeroshot_head needs a backbone with a projection into "
@@ -602,6 +608,8 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
                                          recipe.seed, f.randaugment)
     data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
                      acc.num_processes)
+    if data.classnames_note:
+        say(f"[yellow]{data.classnames_note}[/yellow]")
     batches = _eval_batches(recipe, data)
     validate = None
     if batches is not None and data.classnames:
