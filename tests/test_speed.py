@@ -3,6 +3,8 @@ and torch.compile in real (tiny) pre-training runs, and the fast training render
 
 from __future__ import annotations
 
+import json
+
 import torch
 from conftest import tiny_overrides
 from rich.console import Console
@@ -34,3 +36,38 @@ def test_grad_checkpointing_trains_to_the_same_weights(tmp_path, tiny_clip_dir, 
     assert plain.keys() == recomputed.keys()
     for k in plain:
         torch.testing.assert_close(recomputed[k], plain[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def first_loss(run_dir) -> float:
+    with open(run_dir / "metrics.jsonl") as f:
+        return next(json.loads(line)["loss"] for line in f if '"loss"' in line)
+
+
+def test_compiled_step_gives_the_eager_loss_and_plain_checkpoints(tmp_path, tiny_clip_dir,
+                                                                   monkeypatch):
+    """One step of a tiny run, compiled and eager: the same loss and weights, and checkpoint
+    keys without `_orig_mod`. Inductor's C++ build takes minutes on a 2-core CPU, so the test
+    compiles with the aot_eager backend: TorchDynamo's capture of the kept-token forward, the
+    loss and the teacher, and AOTAutograd's backward, without kernel generation."""
+    from uta_cli.tasks.alignment import use_compile
+
+    assert use_compile("auto", torch.device("cuda"))
+    assert not use_compile("auto", torch.device("cpu"))
+    compiled = []
+    real_compile = torch.compile
+
+    def aot_eager_compile(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, **dict(kwargs, backend="aot_eager"))
+
+    monkeypatch.setattr(torch, "compile", aot_eager_compile)
+    common = {"schedule.steps": 1, "train.checkpoint_every": 0, "data.val_samples": 8}
+    _, eager = pretrain(tmp_path / "eager", tiny_clip_dir, **common)
+    assert not compiled  # auto: off on CPU
+    _, comp = pretrain(tmp_path / "compiled", tiny_clip_dir, **common, **{"train.compile": True})
+    assert len(compiled) == 3  # the student's call, the teacher's tokens, the loss
+    assert abs(first_loss(tmp_path / "compiled") - first_loss(tmp_path / "eager")) < 1e-5
+    assert comp.keys() == eager.keys()
+    assert not any("_orig_mod" in k for k in comp)
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)

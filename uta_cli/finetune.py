@@ -108,6 +108,9 @@ def check_recipe(recipe: Recipe) -> None:
                             f"training data, e.g. --set data.source=/data/imagenet/train.")
     if r.data.batch_size < 1 or r.train.grad_accum < 1:
         raise UtaUsageError("data.batch_size and train.grad_accum must be at least 1.")
+    if r.train.compile is True:
+        raise UtaUsageError("train.compile compiles UTA pre-training (`uta pretrain`); "
+                            "`uta finetune` runs eager. Drop --set train.compile=true.")
     if len(r.data.crop_scale) != 2 or not 0 < r.data.crop_scale[0] <= r.data.crop_scale[1] <= 1:
         raise UtaUsageError("data.crop_scale must be [low, high] with 0 < low <= high <= 1.")
     if not 0 < f.layer_decay <= 1:

@@ -113,6 +113,11 @@ class TrainConfig:
     # Activation checkpointing: recompute each transformer block in the backward pass instead
     # of storing its activations (less memory for a larger batch, about a third more compute).
     grad_checkpointing: bool = False
+    # torch.compile the student's kept-token forward, the alignment loss and the frozen
+    # teacher's forward (static shapes: every sample keeps the same number of tokens).
+    # "auto": on for CUDA devices only; on CPU the measured gain does not pay for the compile
+    # time (README, Performance). true / false force it. `uta pretrain` only.
+    compile: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -16,6 +16,17 @@ from uta_cli.recipe import Recipe
 from uta_cli.tasks.common import decay_groups
 
 
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """train.compile resolved for this device: "auto" compiles on CUDA only."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def alignment_loss(pred: torch.Tensor, teacher_tokens: torch.Tensor,
+                   keep_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The student's tokens against the teacher's at the same (visible) positions."""
+    return token_alignment_loss(pred, gather_targets(teacher_tokens, keep_idx))
+
+
 class AlignmentTask:
     name = "uta-alignment"
 
@@ -35,6 +46,14 @@ class AlignmentTask:
         self.accelerator = accelerator
         self.device = accelerator.device
         self.teacher.to(accelerator.device, self.recipe.train.precision)
+        self.compiled = use_compile(self.recipe.train.compile, self.device)
+        if self.compiled:
+            # In place: the module's call is compiled, its state-dict keys stay as they are (no
+            # `_orig_mod.`), so checkpoints, resume and export do not know about it. Validation
+            # calls `forward` directly and stays eager (other batch sizes, no grad: no recompiles).
+            self.model.compile(dynamic=False)
+            self._teacher_tokens = torch.compile(self.teacher.tokens, dynamic=False)
+            self._alignment_loss = torch.compile(alignment_loss, dynamic=False)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         return decay_groups(model, weight_decay)
@@ -57,21 +76,25 @@ class AlignmentTask:
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
-    def _loss(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    compiled = False
+    _teacher_tokens = None
+    _alignment_loss = None
+
+    def _loss(self, student, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
         keep = batch["keep_idx"].to(self.device, non_blocking=True)
         teacher_in = normalize(batch["teacher"].to(self.device, non_blocking=True),
                                self.views["teacher"])
         student_in = normalize(batch["student"].to(self.device, non_blocking=True),
                                self.views["student"])
-        targets = gather_targets(self.teacher.tokens(teacher_in), keep)
-        pred = model(student_in, keep)
-        return token_alignment_loss(pred, targets)
+        teacher_tokens = self._teacher_tokens if train and self.compiled else self.teacher.tokens
+        loss = self._alignment_loss if train and self.compiled else alignment_loss
+        return loss(student(student_in, keep), teacher_tokens(teacher_in), keep)
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if "student" not in batch:  # every image of this batch was unreadable
             zero = sum(p.sum() for p in model.parameters()) * 0.0
             return {"loss": zero}
-        return self._loss(model, batch)
+        return self._loss(model, batch, train=True)
 
     # The engine calls validate on every process: each reads its share of the validation set
     # and the sums are reduced, so no process waits at a barrier while one reads everything.
@@ -92,7 +115,7 @@ class AlignmentTask:
             for batch in self.val_source.one_pass():
                 if "student" not in batch:
                     continue
-                out = self._loss(model, batch)
+                out = self._loss(model.forward, batch)  # eager even when training is compiled
                 n = len(batch["student"])
                 totals += torch.tensor([float(out[k]) * n for k in self.metric_names] + [n],
                                        dtype=torch.float64)
