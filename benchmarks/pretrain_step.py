@@ -149,6 +149,71 @@ def bench_config(name: str, device: torch.device, precision: str, iters: int) ->
     return result
 
 
+def bench_compile(name: str, device: torch.device, precision: str, iters: int) -> dict:
+    """Eager against `train.compile` (what the alignment task compiles: the student's call in
+    place, the alignment loss, the teacher's tokens), interleaved on the same inputs."""
+    import copy
+
+    from uta_cli.tasks.alignment import alignment_loss
+
+    scfg, tcfg, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    teacher = build_teacher(tcfg, device, precision)
+    eager = UTAStudent(scfg, teacher.embed_dim).to(device)
+    teacher.match_grid(eager.grid_size, "resize")
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=False)
+    sides = {"eager": (eager, teacher.tokens, alignment_loss),
+             "compiled": (compiled, torch.compile(teacher.tokens, dynamic=False),
+                          torch.compile(alignment_loss, dynamic=False))}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+            for k, (m, _, _) in sides.items()}
+    ids = np.arange(batch)
+    masks = generate_masks(MaskSpec(), eager.grid_size, 0, 0, ids)
+    keep = torch.from_numpy(keep_indices(masks)).to(device)
+    images = torch.randn(batch, 3, scfg.image_size, scfg.image_size, device=device)
+    t_images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(kind: str) -> tuple[float, float]:
+        model, tokens, loss_fn = sides[kind]
+        t0 = time.perf_counter()
+        targets = tokens(t_images)
+        _sync(device)
+        t1 = time.perf_counter()
+        with amp:
+            loss = loss_fn(model(images, keep), targets, keep)["loss"]
+        loss.backward()
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1
+
+    t = time.perf_counter()
+    step("compiled")
+    compile_s = time.perf_counter() - t
+    times = {k: ([], []) for k in sides}
+    for i in range(iters + 1):
+        for kind in sides:
+            teacher_s, student_s = step(kind)
+            if i >= 1:
+                times[kind][0].append(teacher_s)
+                times[kind][1].append(student_s)
+    med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in times.items()}
+    return {"config": name, "compile_s": round(compile_s, 1),
+            "eager_teacher_s": round(med["eager"][0], 4),
+            "compiled_teacher_s": round(med["compiled"][0], 4),
+            "eager_student_s": round(med["eager"][1], 4),
+            "compiled_student_s": round(med["compiled"][1], 4),
+            "teacher_speedup": round(med["eager"][0] / med["compiled"][0], 3),
+            "student_speedup": round(med["eager"][1] / med["compiled"][1], 3)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench_masks(batch: int = 256, rounds: int = 20) -> dict:
     torch.set_num_threads(1)
     out = {}
@@ -183,6 +248,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--demo-steps", type=int, default=0,
                     help="also run the demo this many steps to measure its data wait")
+    ap.add_argument("--compile", default="",
+                    help="configs to also run eager vs torch.compile (slow to compile on CPU)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device={device} threads={torch.get_num_threads()} precision={args.precision}")
@@ -202,6 +269,8 @@ def main() -> None:
     masks = bench_masks()
     print("mask generation, 14x14, ratio 0.5, 1 thread, batch 256 (masks/s): "
           + "  ".join(f"{k} {v}" for k, v in masks.items()))
+    for name in filter(None, args.compile.split(",")):
+        print("compile:", bench_compile(name, device, args.precision, args.iters))
     if args.demo_steps:
         print("demo:", bench_demo_data_wait(args.demo_steps))
 

@@ -41,6 +41,8 @@ class AlignmentTask:
         self.grid_note = grid_note
         self.device = torch.device("cpu")
         self.accelerator: Accelerator | None = None
+        self.compiled = False  # train.compile, resolved in setup
+        self._teacher_tokens = self._alignment_loss = None
 
     def setup(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -75,10 +77,6 @@ class AlignmentTask:
 
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
-
-    compiled = False
-    _teacher_tokens = None
-    _alignment_loss = None
 
     def _loss(self, student, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
         keep = batch["keep_idx"].to(self.device, non_blocking=True)
