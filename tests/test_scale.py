@@ -3,6 +3,7 @@ guard, per-rank randomness, exact resume on tar shards, record-level skipping.""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -226,3 +227,104 @@ def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_p
     finally:
         ds._decode = original
     assert len(decoded) == 4 and len(rest) == 2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun's ranks and their loader workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = open(f"/proc/{entry}/stat").read()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _torchrun(run_dir, sets):
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(_free_port()), "-m", "uta_cli", "pretrain", "demo",
+           "--output-dir", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
+
+
+def test_tar_shards_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path, tiny_clip_dir):
+    """SIGKILL mid-epoch on tar shards (drop path 0.1, 2 loader workers, 2 processes under
+    torchrun, sharded tar validation with fewer shards than processes x workers); the resumed
+    run ends with the weights of the uninterrupted one, bit for bit."""
+    import signal
+    import subprocess
+    import time
+
+    from safetensors.torch import load_file
+
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.errors import UtaUsageError
+
+    write_shards(tmp_path / "train", 8, 3, size=20, uneven=True)  # 32 records, 4 reader slots
+    write_shards(tmp_path / "val", 3, 3, size=20, seed=1)
+    sets = tiny_overrides(tiny_clip_dir, steps=10, **{
+        "data.source": str(tmp_path / "train" / "shard-{00..07}.tar"),
+        "data.samples_per_epoch": 24, "data.batch_size": 2, "data.num_workers": 2,
+        "student.drop_path": 0.1, "train.checkpoint_every": 4, "train.log_every": 1,
+        "data.val_source": str(tmp_path / "val" / "shard-{00..02}.tar"), "data.val_samples": 0,
+        "train.val_every": 5})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(_torchrun(tmp_path / "full", sets), capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    proc = subprocess.Popen(_torchrun(tmp_path / "cut", sets), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    pointer = tmp_path / "cut" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not pointer.exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # launcher and ranks, all at once
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    stopped = int(ckpt.load_meta(ckpt.latest_checkpoint(str(tmp_path / "cut")))["step"])
+    assert stopped in (4, 8)  # both mid-epoch (6 steps per epoch)
+
+    # one process with the same global batch is refused mid-epoch on tar shards
+    with pytest.raises(UtaUsageError, match="tar shards are dealt"):
+        pretrain(tmp_path / "cut", [s for s in sets if not s.startswith("data.batch_size")] +
+                 ["data.batch_size=4"])
+    resumed = subprocess.run(_torchrun(tmp_path / "cut", sets), capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {stopped}" in resumed.stdout
+
+    expected = load_file(os.path.join(ckpt.latest_checkpoint(str(tmp_path / "full")),
+                                      "model.safetensors"))
+    got = load_file(os.path.join(ckpt.latest_checkpoint(str(tmp_path / "cut")),
+                                 "model.safetensors"))
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    logged = [r for r in metrics(tmp_path / "cut") if "loss" in r and "event" not in r]
+    assert [r["step"] for r in logged] == list(range(1, 11))
+    vals = [r for r in metrics(tmp_path / "full") if r.get("event") == "val"]
+    assert [r["step"] for r in vals] == [5, 10] and all(r["val_loss"] > 0 for r in vals)
+    # the ranks stay in sync and read different samples
+    end = [r for r in metrics(tmp_path / "full") if r.get("event") == "end"][-1]
+    assert end["rank_weights"][0] == end["rank_weights"][1]
+    assert end["rank_samples_digest"][0] != end["rank_samples_digest"][1]
