@@ -326,7 +326,6 @@ def test_recipe_grid_and_flag_overrides(tmp_path):
     (["--grid", "3", "--strategy", "block", "--set", "mask.min_block_patches=16"],
      ["too small", "min_block_patches"]),
     (["--samples", "10"], ["--samples", "too few"]),
-    (["--strategy", "blocky"], ["--strategy", "reversed-block"]),
     (["--grid", "14y"], ["--grid"]),
     (["--grid", "0"], ["--grid"]),
     (["no-such-recipe"], ["recipe"]),

@@ -6,12 +6,13 @@ import typer
 
 from uta_cli import __version__
 from uta_cli.commands import convert, export, finetune, inspect_mask, pretrain, zeroshot
+from uta_cli.commands._common import UtaTyper
 
-app = typer.Typer(
+app = UtaTyper(  # every command gets -v/--verbose and -q/--quiet
     name="uta",
     help="Unmasked Token Alignment: train a ViT into CLIP's joint space, evaluate, export.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # uta --install-completion
     pretty_exceptions_enable=False,
 )
 

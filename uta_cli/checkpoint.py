@@ -14,6 +14,7 @@ atomically after that, so a kill at any moment leaves the previous checkpoint us
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import random
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from uta_cli.errors import UtaUsageError
 
 LATEST = "latest"
+log = logging.getLogger(__name__)
 
 
 def step_dirname(step: int) -> str:
@@ -82,6 +84,7 @@ def commit(ckpt_root: str, tmp: str, step: int, keep: int) -> str:
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(os.path.join(ckpt_root, LATEST), step_dirname(step) + "\n")
+    log.info("checkpoint written: %s", final)
     if keep > 0:
         done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
         for old in done[:-keep]:

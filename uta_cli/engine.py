@@ -404,7 +404,8 @@ class Engine:
                 shutil.rmtree(self.best_dir, ignore_errors=True)
         model.train()
 
-        progress = _Progress(acc.is_main_process, total, start_step, label)
+        quiet = logging.getLogger("uta_cli").getEffectiveLevel() > logging.WARNING  # -q
+        progress = _Progress(acc.is_main_process and not quiet, total, start_step, label)
         if source is not None:
             progress.print(f"Resumed from {source} at step {start_step}.")
             for key, (was, now) in accepted.changes.items():

@@ -1,10 +1,16 @@
-"""Shared command-line plumbing: usage errors become exit 2 with a message, no traceback."""
+"""Shared command-line plumbing: usage errors become exit 2 with a message, no traceback;
+-v/-q on every command; options that take one of a few words or a path."""
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
+import inspect
 import logging
+import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.console import Console
@@ -59,3 +65,70 @@ def cli_errors(memory_hint: str = "lower data.batch_size and raise train.grad_ac
 def quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(message)s")
+
+
+# -- verbosity --------------------------------------------------------------------------------
+def set_verbosity(level: int) -> None:
+    """-1 (-q): errors only, no per-step progress; 0: warnings; 1 (-v): uta's own info lines
+    (checkpoints written, epochs ended early); 2 (-vv): debug, libraries included."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(message)s")
+    uta = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO}.get(level, logging.DEBUG)
+    logging.getLogger("uta_cli").setLevel(uta)
+    logging.getLogger().setLevel(logging.DEBUG if level >= 2 else
+                                 logging.ERROR if level < 0 else logging.WARNING)
+
+
+def with_verbosity(command: Callable) -> Callable:
+    """Give a command function -v/--verbose (repeatable) and -q/--quiet."""
+    signature = inspect.signature(command)
+    extra = [
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                          default=typer.Option(0, "-v", "--verbose", count=True,
+                                               help="More output: -v uta's info lines, -vv "
+                                               "debug (libraries too).")),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "-q", "--quiet", help="Errors and "
+                                               "results only: no warnings, no per-step "
+                                               "progress.")),
+    ]
+
+    @functools.wraps(command)
+    def run(*args, verbose: int = 0, quiet: bool = False, **kwargs):
+        set_verbosity(-1 if quiet else verbose)
+        return command(*args, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    run.__annotations__ = {**getattr(command, "__annotations__", {}), "verbose": int,
+                           "quiet": bool}
+    return run
+
+
+class UtaTyper(typer.Typer):
+    """typer.Typer whose every command takes -v/--verbose and -q/--quiet."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda command: register(with_verbosity(command))
+
+
+# -- one of a few words, or a path ------------------------------------------------------------
+def word_or_path(option: str, words: tuple[str, ...], allow_empty: bool = False):
+    """A parser for options such as --resume (auto, never or a path) and --templates (openai,
+    simple or a file): a word must be spelled right, anything else must look like a path."""
+
+    def parse(value: str) -> str:
+        if value in words or (allow_empty and value == ""):
+            return value
+        if os.path.exists(value) or any(c in value for c in "/\\.:{"):
+            return value  # a path, a file name, a URL or a shard pattern: checked where used
+        close = difflib.get_close_matches(value, words, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise typer.BadParameter(f"{value!r} is neither one of {', '.join(words)} nor an "
+                                 f"existing path.{hint}", param_hint=option)
+
+    return parse
+
+
+def metavar(words: tuple[str, ...], other: str) -> str:
+    return "[" + "|".join((*words, other)) + "]"

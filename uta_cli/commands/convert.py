@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
 from uta_cli.commands._common import cli_errors, quiet_libraries
@@ -9,7 +11,7 @@ from uta_cli.commands._common import cli_errors, quiet_libraries
 
 def convert(
     source: str = typer.Argument(..., help="The released file, e.g. uta_base_p16_224.pt."),
-    from_: str = typer.Option(..., "--from", help="The input format: uta-release."),
+    from_: Literal["uta-release"] = typer.Option(..., "--from", help="The input format."),
     output: str = typer.Option(..., "--output", help="The uta checkpoint folder to write."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:

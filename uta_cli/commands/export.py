@@ -2,24 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 from rich.markup import escape
 
-from uta_cli.commands._common import cli_errors, err_console, quiet_libraries
+from uta_cli.commands._common import (
+    cli_errors,
+    err_console,
+    metavar,
+    quiet_libraries,
+    word_or_path,
+)
 from uta_cli.errors import UtaUsageError
+
+# The words these options take (the core checks them again: export.FORMATS, KINDS).
+CkptFormat = Literal["auto", "uta", "uta-release"]
+Format = Literal["onnx", "torchscript", "pt2", "open-clip"]
+OutputKind = Literal["embedding", "tokens", "classifier"]
+TEMPLATES = ("openai", "simple")
 
 
 def export(
     ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*), a "
                              "run directory (its newest checkpoint), or a released UTA file "
                              "(uta_base_p16_224.pt, ...)."),
-    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto (a file is a released "
-                                    "UTA checkpoint, a folder a uta checkpoint), uta or "
-                                    "uta-release."),
-    format_: str = typer.Option(..., "--format", help="onnx | torchscript | pt2 | open-clip."),
+    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
+                                           "released UTA checkpoint, a folder a uta "
+                                           "checkpoint), uta or uta-release."),
+    format_: Format = typer.Option(..., "--format", help="What to write."),
     output: str = typer.Option(..., "--output", help="The file to write (a folder for "
                                "open-clip)."),
-    output_kind: str = typer.Option("embedding", "--output-kind", help="embedding: the "
+    output_kind: OutputKind = typer.Option("embedding", "--output-kind", help="embedding: the "
                                     "L2-normalised CLIP-space embedding; tokens: every token in "
                                     "the joint space; classifier: zero-shot logits (needs "
                                     "--classnames)."),
@@ -27,7 +41,10 @@ def export(
                                    "(classifier only)."),
     templates: str = typer.Option("openai", "--templates", help="openai (80 prompts), simple "
                                   "(one), or a file of templates with {c}, one a line; the same "
-                                  "choices as uta zeroshot."),
+                                  "choices as uta zeroshot.",
+                                  parser=word_or_path("--templates", TEMPLATES),
+                                  metavar=metavar(TEMPLATES, "FILE"),
+                                  autocompletion=lambda: list(TEMPLATES)),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (default: the "
                                      "exporter's)."),
     atol: float | None = typer.Option(None, "--atol", help="Largest allowed absolute "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from uta_cli.commands._common import cli_errors, quiet_libraries
+from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
+
+RESUME = ("auto", "never")
 
 
 def finetune(
@@ -15,8 +17,11 @@ def finetune(
                                    "--set finetune.layer_decay=0.75 (repeatable)."),
     output_dir: str = typer.Option("", "--output-dir", help="Run directory "
                                    "(default: train.output_dir, else runs/<recipe name>)."),
-    resume: str = typer.Option("auto", "--resume", help="auto: continue from the newest "
-                               "complete checkpoint in the run directory; never; or a path."),
+    resume: str = typer.Option("auto", "--resume", help="auto: continue from the checkpoint "
+                               "that the run directory's checkpoints/latest names; never; or a "
+                               "checkpoint path.", parser=word_or_path("--resume", RESUME),
+                               metavar=metavar(RESUME, "PATH"),
+                               autocompletion=lambda: list(RESUME)),
     allow_changes: list[str] = typer.Option([], "--allow-changes", help="On resume, accept "
                                             "these recipe keys differing from the checkpoint's "
                                             "(comma-separated or repeated), e.g. --allow-changes "

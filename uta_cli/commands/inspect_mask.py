@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -31,7 +32,7 @@ def inspect_mask(
     recipe: str | None = typer.Argument(
         None, help="A built-in recipe name (demo, vitb16, vitl14) or a YAML path/URL whose mask "
         "settings and student grid apply. Default: the demo recipe."),
-    strategy: str | None = typer.Option(
+    strategy: Literal["random", "block", "reversed-block", "all"] | None = typer.Option(
         None, "--strategy", help="random, block, reversed-block, or all (side by side). "
         "Default: the recipe's mask.strategy."),
     mask_ratio: float | None = typer.Option(

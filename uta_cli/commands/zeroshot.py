@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
-from uta_cli.commands._common import cli_errors, quiet_libraries
+from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
+
+# The words these options take (the core checks them again: evaluation.TASKS, PRECISIONS).
+CkptFormat = Literal["auto", "uta", "uta-release"]
+Task = Literal["classification", "retrieval"]
+Precision = Literal["auto", "bf16", "fp32"]
+DATASETS = ("imagenet", "demo")
+TEMPLATES = ("openai", "simple")
 
 
 def zeroshot(
     ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*), a "
                              "run directory (its newest complete checkpoint), or a released "
                              "UTA file (uta_base_p16_224.pt, ...)."),
-    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto (a file is a released "
-                                    "UTA checkpoint, a folder a uta checkpoint), uta or "
-                                    "uta-release."),
+    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
+                                           "released UTA checkpoint, a folder a uta "
+                                           "checkpoint), uta or uta-release."),
     dataset: str = typer.Option(..., "--dataset", help="imagenet (with --data-dir), demo, a "
                                 "class folder (path or fsspec URL), tar shards "
                                 "(data/val-{000..009}.tar, with --classnames), or for "
                                 "--task retrieval a captions .json/.csv or a folder holding "
-                                "captions.json|csv."),
+                                "captions.json|csv.", parser=word_or_path("--dataset", DATASETS),
+                                metavar=metavar(DATASETS, "PATH"),
+                                autocompletion=lambda: list(DATASETS)),
     data_dir: str = typer.Option("", "--data-dir", help="imagenet: the folder holding "
                                  "val/<wnid>/ (or val itself). retrieval: the images' folder "
                                  "(default: the captions file's folder)."),
@@ -27,8 +38,11 @@ def zeroshot(
                                    "as spaces, the demo's)."),
     templates: str = typer.Option("", "--templates", help="openai (80), simple ('a photo of a "
                                   "{c}.'), or a file with one template per line using {c}. "
-                                  "Default: openai; the demo's own for demo."),
-    task: str = typer.Option("classification", "--task", help="classification or retrieval."),
+                                  "Default: openai; the demo's own for demo.",
+                                  parser=word_or_path("--templates", TEMPLATES, allow_empty=True),
+                                  metavar=metavar(TEMPLATES, "FILE"),
+                                  autocompletion=lambda: list(TEMPLATES)),
+    task: Task = typer.Option("classification", "--task", help="classification or retrieval."),
     teacher: bool = typer.Option(False, "--teacher", help="Also evaluate the CLIP teacher on the "
                                  "same images, side by side."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the recorded "
@@ -41,7 +55,7 @@ def zeroshot(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward, per process."),
     workers: int = typer.Option(-1, "--workers", help="DataLoader worker processes "
                                 "(default: CPUs - 1, at most 8)."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the hardware "
+    precision: Precision = typer.Option("auto", "--precision", help="auto (bf16 where the hardware "
                                   "has it: GPUs, CPUs with AMX/AVX512-BF16; else fp32), bf16 "
                                   "or fp32."),
     cache_dir: str = typer.Option("", "--cache-dir", help="Where class weights are cached "
