@@ -236,7 +236,7 @@ def test_onnx_falls_back_to_the_legacy_exporter(eva_ckpt, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("args,words", [
-  # (a misspelt --format or --output-kind: tests/test_cli.py)
+    # (a misspelt --format or --output-kind: tests/test_cli.py)
     (["--format", "onnx", "--output-kind", "classifier"], ["--classnames"]),
     (["--format", "open-clip", "--output-kind", "tokens"], ["open-clip", "--format onnx"]),
     (["--format", "pt2", "--opset", "17"], ["--opset"]),
