@@ -153,3 +153,15 @@ def test_hugging_face_tokenizer_offline_is_a_usage_error_naming_what_is_missing(
     # the files in the cache, the teacher cannot tokenize class names.
     with pytest.raises(UtaUsageError, match="ViT-B-16-SigLIP.*(transformers|offline)"):
         teacher_tokenizer("ViT-B-16-SigLIP")
+
+
+def test_gpu_rehearsal_refuses_without_cuda(monkeypatch, capsys):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_rehearsal.py")
+    spec = importlib.util.spec_from_file_location("gpu_rehearsal", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
