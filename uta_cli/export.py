@@ -337,6 +337,8 @@ def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
                     "patch_size": student.cfg.patch_size, "width": student.cfg.width,
                     "depth": student.cfg.depth, "heads": student.cfg.heads},
         "teacher_model": (meta.get("teacher") or {}).get("model", ""),
+        # how the student was pre-trained (uta, mim or fd); MIM's [MASK] embedding is not exported
+        "objective": meta.get("objective", "uta"),
         "torch_version": torch.__version__,
     }
     if kind == "tokens":

@@ -47,7 +47,7 @@ from uta_cli.engine import Engine, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.models import release
 from uta_cli.models.release import ReleasedModel
-from uta_cli.models.student import UTAStudent
+from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import (
     CLIPTeacher,
     load_clip,
@@ -57,6 +57,7 @@ from uta_cli.models.teacher import (
 )
 from uta_cli.pretrain import engine_config
 from uta_cli.recipe import Recipe, StudentConfig
+from uta_cli.tasks.alignment import ALIGNMENT_TASKS
 from uta_cli.tasks.classification import (
     ClassificationModel,
     ClassificationTask,
@@ -86,7 +87,7 @@ from uta_cli.zeroshot import (
 
 TASKS = ("classification", "contrastive")
 CAPTION_FILE_SUFFIXES = (".csv", ".tsv", ".json")
-_UTA_TASKS = ("uta-alignment", "uta-contrastive")
+_UTA_TASKS = (*ALIGNMENT_TASKS, "uta-contrastive")  # pre-training (any objective), tuning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def resolve_start(recipe: Recipe) -> Start:
             f"init {folder} is a '{task}' checkpoint; `uta finetune` starts from a UTA "
             f"pre-training or contrastive-tuning checkpoint. To continue this run, use its "
             f"--output-dir with --resume auto.")
-    return Start("uta" if task == "uta-alignment" else "uta-contrastive", folder, meta)
+    return Start("uta" if task in ALIGNMENT_TASKS else "uta-contrastive", folder, meta)
 
 
 def uta_student(start: Start, drop_path: float) -> UTAStudent:
@@ -208,7 +209,7 @@ def uta_student(start: Start, drop_path: float) -> UTAStudent:
         state = ckpt.load_weights(start.location)
     if start.kind == "uta-contrastive":
         state = student_state_dict(state)
-    student.load_state_dict(state)
+    student.load_state_dict(fit_mask_token(state, student))  # a MIM run's [MASK] is not needed
     return student
 
 

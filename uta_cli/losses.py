@@ -1,4 +1,5 @@
-"""The UTA objective: token-wise cosine alignment with the teacher (docs/method.md §1, §3)."""
+"""Token-wise cosine alignment with the teacher (docs/method.md §1, §3): UTA's objective, and
+masked image modelling's (EVA-02: the masked tokens regress the teacher's) for comparison."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def token_alignment_loss(student: torch.Tensor, target: torch.Tensor) -> dict[st
     loss = (1.0 - cos).mean()
     return {"loss": loss, "cls_cos": cos[:, 0].mean().detach(),
             "patch_cos": cos[:, 1:].mean().detach()}
+
+
+def masked_token_loss(student: torch.Tensor, target: torch.Tensor,
+                      mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Masked image modelling's loss as EVA-02: 1 - cosine on the masked patch tokens only, fp32.
+
+    student, target: (B, 1 + N, E), CLS first; mask: (B, N) bool, True = masked. The mean runs
+    over every masked token of the batch. cls_cos and patch_cos (over the masked tokens) are
+    reported for comparison with UTA; the CLS token is not trained.
+    """
+    cos = F.cosine_similarity(student.float(), target.float(), dim=-1, eps=1e-6)  # (B, 1 + N)
+    weight = mask.to(cos.dtype)
+    n_masked = weight.sum().clamp(min=1.0)
+    patch_cos = (cos[:, 1:] * weight).sum() / n_masked
+    return {"loss": 1.0 - patch_cos, "cls_cos": cos[:, 0].mean().detach(),
+            "patch_cos": patch_cos.detach()}

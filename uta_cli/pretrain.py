@@ -31,10 +31,10 @@ from uta_cli.demo_data import CLASSNAMES, demo_splits
 from uta_cli.engine import Engine, EngineConfig, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, validate_mask_spec
-from uta_cli.models.student import UTAStudent
+from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe, recipe_to_dict
-from uta_cli.tasks.alignment import AlignmentTask
+from uta_cli.tasks.alignment import ALIGNMENT_TASKS, AlignmentTask
 
 # what decides the shapes of a student's weights
 _SHAPE_FIELDS = ("family", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
@@ -54,7 +54,7 @@ def student_init_state(recipe: Recipe, embed_dim: int) -> tuple[dict[str, torch.
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
-    if task not in ("uta-alignment", "uta-contrastive"):
+    if task not in (*ALIGNMENT_TASKS, "uta-contrastive"):
         raise UtaUsageError(f"student.init {folder} is a '{task}' checkpoint. student.init takes "
                             f"a UTA pre-training or contrastive-tuning checkpoint, or a released "
                             f"uta_*.pt file.")
@@ -94,7 +94,9 @@ def describe(recipe: Recipe) -> Table:
                   f"p{r.student.patch_size} @ {r.student.image_size}px")
     table.add_row("teacher", f"{r.teacher.model}  weights={r.teacher.weights or '(unset)'}  "
                   f"grid_match={r.teacher.grid_match}")
-    table.add_row("mask", f"{r.mask.strategy}  ratio={r.mask.ratio}")
+    table.add_row("objective", r.objective)
+    table.add_row("mask", f"{r.mask.strategy}  ratio={r.mask.ratio}"
+                  + ("  (unused: fd aligns every token)" if r.objective == "fd" else ""))
     table.add_row("data", f"{r.data.source}  batch={r.data.batch_size}/process  "
                   f"workers={r.data.num_workers}")
     length = f"{r.schedule.steps} steps" if r.schedule.steps else f"{r.schedule.epochs} epochs"
@@ -143,10 +145,10 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         say(f"teacher weights: {teacher.identity.weights_layout} layout detected in "
             f"{teacher_weights}, converted to open_clip's")
     set_seed(recipe.seed)  # the same initial student on every rank
-    student = UTAStudent(recipe.student, teacher.embed_dim)
+    student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=recipe.objective == "mim")
     if recipe.student.init:
         state, source = student_init_state(recipe, teacher.embed_dim)
-        student.load_state_dict(state)
+        student.load_state_dict(fit_mask_token(state, student))
         say(f"student initialised from {source}")
     student.set_grad_checkpointing(recipe.train.grad_checkpointing)
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
@@ -189,7 +191,7 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                          {v.name: v for v in views}, grid_note)
 
     engine = Engine(engine_config(recipe), acc, run_dir)  # writes config.yaml (or .<step>.yaml)
-    result = engine.fit(task, resume=resume, label="UTA pre-training",
+    result = engine.fit(task, resume=resume, label=f"{recipe.objective.upper()} pre-training",
                         allow_changes=allow_changes)
     summary = {"run_dir": run_dir, "step": result["step"], "checkpoint": result["checkpoint"],
                "val": result["val"]}
@@ -198,13 +200,14 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
             _, demo_val = demo_splits(recipe.demo.train_images, recipe.demo.val_images,
                                       recipe.demo.data_seed)
         summary["zeroshot"] = demo_zeroshot_report(result["model"], teacher, views, demo_val,
-                                                   engine, result["step"], console)
+                                                   engine, result["step"], console,
+                                                   recipe.objective)
     acc.wait_for_everyone()
     return summary
 
 
 def demo_zeroshot_report(student: UTAStudent, teacher, views, split, engine: Engine, step: int,
-                         console: Console) -> dict:
+                         console: Console, objective: str = "uta") -> dict:
     """Student vs teacher zero-shot top-1 on held-out demo images; appended to metrics.jsonl."""
     device = engine.acc.device
     student.eval()
@@ -220,13 +223,19 @@ def demo_zeroshot_report(student: UTAStudent, teacher, views, split, engine: Eng
     engine.log_metrics(record)
     table = Table(title="Zero-shot top-1 on held-out demo images "
                         f"({s['num_samples']} images, {len(CLASSNAMES)} classes)")
-    for col in ("UTA student", "CLIP teacher", "chance", "student / teacher"):
+    for col in (f"{objective.upper()} student", "CLIP teacher", "chance", "student / teacher"):
         table.add_column(col, justify="right")
     ratio = s["acc1"] / t["acc1"] if t["acc1"] else 0.0
     table.add_row(f"{s['acc1']:.3f}", f"{t['acc1']:.3f}", f"{1 / len(CLASSNAMES):.3f}",
                   f"{ratio:.2f}")
     console.print(table)
-    console.print("The student never saw a caption: its CLS token landed in the teacher's joint "
-                  "space by aligning visible tokens alone.")
+    if objective == "mim":  # EVA-02's loss scores the masked patch tokens only
+        console.print("MIM's loss scores the masked patch tokens only, never the CLS output, so "
+                      "this zero-shot top-1 reads an unaligned CLS; compare MIM after "
+                      "fine-tuning (uta finetune).")
+    else:
+        how = "aligning visible tokens alone" if objective == "uta" else "aligning every token"
+        console.print(f"The student never saw a caption: its CLS token landed in the teacher's "
+                      f"joint space by {how}.")
     return record
 

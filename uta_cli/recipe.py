@@ -187,6 +187,10 @@ class Recipe:
     seed: int = 0
     # What `uta finetune` trains; `uta pretrain` runs "pretrain" recipes.
     task: Literal["pretrain", "classification", "contrastive"] = "pretrain"
+    # What `uta pretrain` optimises (docs/objectives.md): "uta" aligns the visible tokens and CLS;
+    # "mim" feeds every token, masked ones as a learned [MASK] embedding, and aligns the masked
+    # tokens (EVA-02); "fd" feeds every token unmasked and aligns all of them.
+    objective: Literal["uta", "mim", "fd"] = "uta"
     # The starting model of `uta finetune`: a UTA checkpoint or run directory (pre-training or
     # contrastive tuning), a released uta_*.pt file (its own text tower then serves as the
     # teacher's), `timm:NAME` or `open_clip:MODEL` (weights from finetune.init_weights);

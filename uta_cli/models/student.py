@@ -1,13 +1,15 @@
 """The UTA student: a timm ViT that runs on kept (visible) tokens only, plus a head to CLIP space.
 
 Masked tokens are dropped before the first block (no [MASK] token), which is where UTA's FLOP
-saving over masked image modelling comes from (docs/method.md §1, §5).
+saving over masked image modelling comes from (docs/method.md §1, §5). For the comparison with
+masked image modelling the same student can also carry a learned [MASK] embedding and run on
+every token (`mask=`).
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import apply_keep_indices_nlc
+from timm.layers import apply_keep_indices_nlc, trunc_normal_
 from timm.models import checkpoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
@@ -35,10 +37,17 @@ def build_trunk(cfg: StudentConfig) -> nn.Module:
     return VisionTransformer(**kwargs)
 
 
-class UTAStudent(nn.Module):
-    """timm trunk + final norm + linear head mapping every token to the teacher's embed_dim."""
+MASK_TOKEN = "mask_token"  # the state-dict key of the [MASK] embedding (MIM training only)
 
-    def __init__(self, cfg: StudentConfig, embed_dim: int):
+
+class UTAStudent(nn.Module):
+    """timm trunk + final norm + linear head mapping every token to the teacher's embed_dim.
+
+    mask_token=True adds masked image modelling's learned [MASK] embedding (BEiT, EVA-02), used
+    only in training with `mask=`; UTA and feature distillation students have none.
+    """
+
+    def __init__(self, cfg: StudentConfig, embed_dim: int, mask_token: bool = False):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg)
@@ -47,6 +56,10 @@ class UTAStudent(nn.Module):
         self.grid_size = tuple(self.trunk.patch_embed.grid_size)
         self.num_prefix_tokens = self.trunk.num_prefix_tokens
         self.is_eva = isinstance(self.trunk, Eva)
+        self.mask_token = None
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+            trunc_normal_(self.mask_token, std=0.02)  # as BEiT and EVA-02
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations: the
@@ -57,15 +70,19 @@ class UTAStudent(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size[0] * self.grid_size[1]
 
-    def forward_tokens(self, images: torch.Tensor,
-                       keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
         """Trunk tokens after the final norm, (B, prefix + K, width).
 
         keep_idx: (B, K) positions of visible patches in the flattened grid, or None for all.
         The CLS token is always kept; RoPE is gathered at the kept positions.
+        mask: (B, N) bool, True = masked: every token enters, the masked patch embeddings
+        replaced by the [MASK] embedding before position embeddings are added (BEiT, EVA-02).
         """
         trunk = self.trunk
         x = trunk.patch_embed(images)
+        if mask is not None:
+            x = self.apply_mask_token(x, mask)
         rope = None
         if self.is_eva:
             x, rope = trunk._pos_embed(x)  # private in timm; equivalence is tested
@@ -89,13 +106,37 @@ class UTAStudent(nn.Module):
             x = checkpoint(blk, x, **kwargs) if recompute else blk(x, **kwargs)
         return trunk.norm(x)
 
-    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+    def apply_mask_token(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, width) patch embeddings with the masked ones replaced by [MASK]."""
+        if self.mask_token is None:
+            raise ValueError("This student has no [MASK] embedding; build it with "
+                             "mask_token=True to run masked image modelling.")
+        if mask.shape != patches.shape[:2]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; the student expects "
+                             f"(batch, {patches.shape[1]}) booleans (True = masked).")
+        return torch.where(mask.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
+
+    def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every token projected into the joint space, (B, prefix + K, embed_dim)."""
-        return self.head(self.forward_tokens(images, keep_idx))
+        return self.head(self.forward_tokens(images, keep_idx, mask))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The CLS output on the full image: a CLIP image embedding (not normalised)."""
         return self.forward(images)[:, 0]
+
+
+def fit_mask_token(state: dict[str, torch.Tensor], student: UTAStudent
+                   ) -> dict[str, torch.Tensor]:
+    """`state` made to fit `student`: a MIM checkpoint's [MASK] embedding is dropped for a
+    student without one (zero-shot, fine-tuning, export: it is a training-time input only), and
+    a MIM student started from a checkpoint without one keeps its fresh [MASK] embedding."""
+    state = dict(state)
+    if student.mask_token is None:
+        state.pop(MASK_TOKEN, None)
+    elif MASK_TOKEN not in state:
+        state[MASK_TOKEN] = student.mask_token.detach().clone()
+    return state
 
 
 def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: str = ""
@@ -126,6 +167,6 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: s
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
     cfg = StudentConfig(**meta["student"])
     model = UTAStudent(cfg, int(meta["embed_dim"]))
-    model.load_state_dict(ckpt.load_weights(folder))
+    model.load_state_dict(fit_mask_token(ckpt.load_weights(folder), model))
     meta["checkpoint_dir"] = folder
     return model.eval(), meta

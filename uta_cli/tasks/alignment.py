@@ -1,4 +1,13 @@
-"""The UTA task: align the student's visible tokens (and CLS) with the frozen teacher's tokens."""
+"""Pre-training against a frozen CLIP teacher, one task for the three objectives compared:
+
+- uta: the student sees the visible tokens only; CLS and visible tokens are aligned (UTA).
+- mim: every token enters, the masked ones as a learned [MASK] embedding; the masked tokens are
+  aligned (masked image modelling with a CLIP teacher, as EVA-02).
+- fd: every token enters unmasked and every token is aligned (feature distillation).
+
+Same student, teacher, data, masks and schedule; only what enters the student and which tokens
+are scored differ.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +18,38 @@ from accelerate import Accelerator
 from torch import nn
 
 from uta_cli.data import Source, View, normalize
-from uta_cli.losses import gather_targets, token_alignment_loss
-from uta_cli.models.student import UTAStudent
+from uta_cli.losses import gather_targets, masked_token_loss, token_alignment_loss
+from uta_cli.models.student import MASK_TOKEN, UTAStudent
 from uta_cli.models.teacher import CLIPTeacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.common import decay_groups
+
+# objective -> the task name its checkpoints carry (so a run cannot resume as another objective)
+TASK_NAMES = {"uta": "uta-alignment", "mim": "mim-alignment", "fd": "fd-alignment"}
+OBJECTIVES = tuple(TASK_NAMES)
+ALIGNMENT_TASKS = tuple(TASK_NAMES.values())  # checkpoints holding a pre-trained student
+
+
+def masked_from_keep(keep_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(B, K) visible positions -> (B, N) bool, True = masked: the complement of the kept set."""
+    mask = torch.ones(keep_idx.shape[0], num_patches, dtype=torch.bool, device=keep_idx.device)
+    return mask.scatter(1, keep_idx, False)
+
+
+def objective_loss(objective: str, model: nn.Module, student_in: torch.Tensor,
+                   teacher_tokens: torch.Tensor, keep_idx: torch.Tensor | None,
+                   num_patches: int) -> dict[str, torch.Tensor]:
+    """One objective's forward and loss. teacher_tokens: (B, 1 + N, E) on the whole image;
+    keep_idx: (B, K) visible positions (unused by fd)."""
+    if objective == "uta":
+        return token_alignment_loss(model(student_in, keep_idx),
+                                    gather_targets(teacher_tokens, keep_idx))
+    if objective == "mim":
+        mask = masked_from_keep(keep_idx, num_patches)
+        return masked_token_loss(model(student_in, mask=mask), teacher_tokens, mask)
+    if objective == "fd":
+        return token_alignment_loss(model(student_in), teacher_tokens)
+    raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
@@ -28,11 +64,11 @@ def alignment_loss(pred: torch.Tensor, teacher_tokens: torch.Tensor,
 
 
 class AlignmentTask:
-    name = "uta-alignment"
-
     def __init__(self, recipe: Recipe, student: UTAStudent, teacher: CLIPTeacher, source: Source,
                  val_source: Source | None, views: dict[str, View], grid_note: str):
         self.recipe = recipe
+        self.objective = recipe.objective
+        self.name = TASK_NAMES[self.objective]
         self.model = student
         self.teacher = teacher
         self.source = source
@@ -58,7 +94,7 @@ class AlignmentTask:
             self._alignment_loss = torch.compile(alignment_loss, dynamic=False)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
-        return decay_groups(model, weight_decay)
+        return decay_groups(model, weight_decay, no_decay_names=(MASK_TOKEN,))
 
     def steps_per_epoch(self, world_size: int, global_micro_batch: int) -> int:
         return self.source.steps_per_epoch(world_size, global_micro_batch)
@@ -78,15 +114,25 @@ class AlignmentTask:
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
-    def _loss(self, student, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
-        keep = batch["keep_idx"].to(self.device, non_blocking=True)
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(student input, teacher input, visible positions), normalised, on the device."""
+        keep = batch.get("keep_idx")
+        keep = keep.to(self.device, non_blocking=True) if keep is not None else None
         teacher_in = normalize(batch["teacher"].to(self.device, non_blocking=True),
                                self.views["teacher"])
         student_in = normalize(batch["student"].to(self.device, non_blocking=True),
                                self.views["student"])
-        teacher_tokens = self._teacher_tokens if train and self.compiled else self.teacher.tokens
-        loss = self._alignment_loss if train and self.compiled else alignment_loss
-        return loss(student(student_in, keep), teacher_tokens(teacher_in), keep)
+        return student_in, teacher_in, keep
+
+    def _loss(self, student, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
+        student_in, teacher_in, keep = self._inputs(batch)
+        compiled = train and self.compiled
+        teacher_tokens = (self._teacher_tokens if compiled else self.teacher.tokens)(teacher_in)
+        if self.objective == "uta":
+            loss = self._alignment_loss if compiled else alignment_loss
+            return loss(student(student_in, keep), teacher_tokens, keep)
+        return objective_loss(self.objective, student, student_in, teacher_tokens, keep,
+                              self.model.num_patches)
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if "student" not in batch:  # every image of this batch was unreadable
@@ -97,7 +143,20 @@ class AlignmentTask:
     # The engine calls validate on every process: each reads its share of the validation set
     # and the sums are reduced, so no process waits at a barrier while one reads everything.
     validates_on_every_rank = True
-    metric_names = ("loss", "cls_cos", "patch_cos")
+    # the objective's own loss, then every token on the whole unmasked image (_val_losses)
+    metric_names = ("loss", "cls_cos", "patch_cos", "full_loss", "full_cls_cos", "full_patch_cos")
+
+    def _val_losses(self, student, batch: dict) -> dict[str, torch.Tensor]:
+        """The objective's own loss, plus the alignment of every token on the whole unmasked
+        image (full_*): what zero-shot and fine-tuning see, comparable across objectives."""
+        student_in, teacher_in, keep = self._inputs(batch)
+        teacher_tokens = self.teacher.tokens(teacher_in)
+        out = objective_loss(self.objective, student, student_in, teacher_tokens, keep,
+                             self.model.num_patches)
+        full = out if self.objective == "fd" else \
+            token_alignment_loss(student(student_in), teacher_tokens)
+        out.update({f"full_{k}": v for k, v in full.items()})
+        return out
 
     @torch.no_grad()
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -113,7 +172,7 @@ class AlignmentTask:
             for batch in self.val_source.one_pass():
                 if "student" not in batch:
                     continue
-                out = self._loss(model.forward, batch)  # eager even when training is compiled
+                out = self._val_losses(model.forward, batch)  # eager even if training compiles
                 n = len(batch["student"])
                 totals += torch.tensor([float(out[k]) * n for k in self.metric_names] + [n],
                                        dtype=torch.float64)
@@ -127,7 +186,8 @@ class AlignmentTask:
         return {f"val_{k}": float(v) / n for k, v in zip(self.metric_names, totals[:-1])}
 
     def checkpoint_meta(self) -> dict:
-        return {"student": dataclasses.asdict(self.recipe.student),
+        return {"objective": self.objective,
+                "student": dataclasses.asdict(self.recipe.student),
                 "embed_dim": self.model.embed_dim,
                 "teacher": self.teacher.identity.to_dict(),
                 "teacher_input_size": self.teacher.image_size,
