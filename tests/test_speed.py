@@ -71,3 +71,59 @@ def test_compiled_step_gives_the_eager_loss_and_plain_checkpoints(tmp_path, tiny
     assert not any("_orig_mod" in k for k in comp)
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def write_jpeg(path, width: int, height: int, seed: int) -> None:
+    """A smooth photograph-like field: a misplaced crop would change the render a lot."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (height // 64 + 2, width // 64 + 2, 3), dtype=np.uint8)
+    Image.fromarray(low).resize((width, height), Image.BICUBIC).save(path, quality=92)
+
+
+def test_draft_decode_renders_the_same_crop(tmp_path):
+    """The reduced-scale JPEG decode of the training path: exactly the plain tensors where the
+    crop is too small to draft (ImageNet-size images at these views) and for non-JPEGs; the same
+    crop and flip within JPEG noise where it drafts; evaluation never drafts."""
+    from PIL import Image
+
+    from uta_cli.data import EvalTransform, TrainTransform, View
+    from uta_cli.datasets import ImageFolderDataset, decode_image, index_image_folder
+
+    views = [View("student", 224, (0.5,) * 3, (0.5,) * 3),
+             View("teacher", 196, (0.5,) * 3, (0.5,) * 3)]
+    train = TrainTransform(views, (0.2, 1.0), hflip=True, seed=3)
+    (tmp_path / "a").mkdir()
+    write_jpeg(tmp_path / "a" / "small.jpg", 500, 375, seed=0)
+    write_jpeg(tmp_path / "a" / "large.jpg", 1024, 768, seed=1)
+    Image.open(tmp_path / "a" / "large.jpg").save(tmp_path / "a" / "large.png")
+    index = index_image_folder(str(tmp_path))
+    names = [f.rsplit("/", 1)[-1] for f in index.files]
+    fast = ImageFolderDataset(index, train)
+    plain = ImageFolderDataset(index, lambda img, i: train(img, i))  # no draft hook
+    drafted = 0
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        for i, name in enumerate(names):
+            a, b = fast[i], plain[i]
+            with open(index.files[i], "rb") as f:
+                img = Image.open(f)
+                train.draft(img, i)
+                was_drafted = "uta_draft" in img.info
+            for view in ("student", "teacher"):
+                assert a[view].shape == b[view].shape and a[view].dtype == torch.uint8
+                if not was_drafted:
+                    assert torch.equal(a[view], b[view]), (name, epoch, view)
+                else:
+                    diff = (a[view].float() - b[view].float()).abs()
+                    assert diff.mean() < 1.5 and diff.quantile(0.99) < 8, (name, epoch, view)
+            drafted += was_drafted
+            assert not was_drafted or name == "large.jpg"
+    assert drafted >= 2  # the large JPEG's bigger crops do draft
+    # evaluation decodes at full size: the transform has no draft hook
+    evaluation = ImageFolderDataset(index, EvalTransform(views))
+    with open(index.files[1], "rb") as f:
+        expected = EvalTransform(views)(decode_image(f.read()), 1)
+    assert torch.equal(evaluation[1]["student"], expected["student"])

@@ -149,6 +149,9 @@ def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + side, top + side
 
 
+_DRAFT_KEY = "uta_draft"  # in a drafted image's info: (full size, scale)
+
+
 class TrainTransform:
     """Random-resized crop + flip, drawn once per image, rendered once per view (uint8)."""
 
@@ -160,10 +163,31 @@ class TrainTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, img: Image.Image, sample_id: int) -> dict[str, torch.Tensor]:
+    def _draw(self, width: int, height: int, sample_id: int) -> tuple[tuple[int, ...], bool]:
         rng = sample_rng(self.seed, self.epoch, int(sample_id))
-        box = random_resized_crop_box(img.width, img.height, self.crop_scale, rng)
-        flip = self.hflip and rng.random() < 0.5
+        box = random_resized_crop_box(width, height, self.crop_scale, rng)
+        return box, self.hflip and rng.random() < 0.5
+
+    def draft(self, img: Image.Image, sample_id: int) -> None:
+        """Ask a JPEG, opened but not yet decoded, to decode at 1/2, 1/4 or 1/8 scale (DCT
+        scaling: 2-3x faster) when this sample's crop stays at least as large as the largest
+        view at that scale, so every view is still a downscale. Other images are untouched."""
+        if img.format != "JPEG":
+            return
+        (left, top, right, bottom), _ = self._draw(img.width, img.height, sample_id)
+        room = min(right - left, bottom - top) / max(v.size for v in self.views)
+        scale = next((s for s in (8, 4, 2) if s <= room), 1)
+        if scale > 1:
+            full = img.size
+            drafted = img.draft("RGB", (img.width // scale, img.height // scale))
+            if drafted is not None and img.size != full:  # (mode, (0, 0, W / s, H / s))
+                img.info[_DRAFT_KEY] = (full, round(full[0] / drafted[1][2]))
+
+    def __call__(self, img: Image.Image, sample_id: int) -> dict[str, torch.Tensor]:
+        (width, height), scale = img.info.get(_DRAFT_KEY, (img.size, 1))
+        box, flip = self._draw(width, height, sample_id)  # drawn at the full size, always
+        if scale > 1:  # pixel i of a 1/s DCT-scaled decode covers full pixels [i*s, (i+1)*s)
+            box = tuple(c / scale for c in box)
         return _render(img, self.views, box, flip)
 
 

@@ -8,6 +8,7 @@ None for them and `collate_skip_none` counts them per batch as `num_skipped`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -261,10 +262,17 @@ def match_classnames(names: list[str], folders: list[str], source: str,
             f"i names folder i.")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image; ValueError on corrupt or truncated data."""
+def decode_image(data: bytes, draft: Callable[[Image.Image], None] | None = None
+                 ) -> Image.Image:
+    """Decode image bytes to an RGB PIL image; ValueError on corrupt or truncated data.
+
+    draft: called on the opened image before its pixels are decoded (a training transform
+    asking a JPEG for a reduced-scale decode).
+    """
     try:
         img = Image.open(io.BytesIO(data))
+        if draft is not None:
+            draft(img)
         # Image.open only reads the header: load() decodes the pixels, so a truncated file
         # fails here rather than inside a transform.
         img.load()
@@ -273,6 +281,12 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBomb...
         raise ValueError(f"cannot decode image: {type(e).__name__}: {e}") from e
+
+
+def _draft_hook(transform: Any, sample_id: int) -> Callable[[Image.Image], None] | None:
+    """The transform's reduced-scale JPEG decode for this sample, if it has one (training)."""
+    draft = getattr(transform, "draft", None)
+    return None if draft is None else functools.partial(draft, sample_id=sample_id)
 
 
 class _WarnOnce:
@@ -324,7 +338,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             fs = self._filesystem()
             data = fs.cat_file(fs._strip_protocol(url))
-            image = decode_image(data)
+            image = decode_image(data, _draft_hook(self.transform, i))
         except (OSError, ValueError) as e:
             self._warn("Skipping unreadable image %s: %s", url, e)
             return None
@@ -603,7 +617,7 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             )
             return None
         try:
-            image = decode_image(fields[image_field])
+            image = decode_image(fields[image_field], _draft_hook(self.transform, sample_id))
         except ValueError as e:
             self._warn("Skipping corrupt image %r in %s: %s", key, shard, e)
             return None
