@@ -70,6 +70,9 @@ class Task(Protocol):
     #   after_optimizer_step(model, step)  the unwrapped model after each optimizer step (EMA)
     #   save_extra(folder) / load_extra(folder)  state beside the weights (EMA weights), written
     #       into every checkpoint by the main process and read back on resume
+    #   evaluate_at(model, step, final)  an evaluation on the task's own cadence (pre-training:
+    #       zero-shot accuracy), called on every rank after each step and once at the end; a
+    #       non-empty result is logged as event `task.eval_event` and shown on the progress line
 
 
 @dataclass
@@ -205,6 +208,7 @@ class Engine:
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
         self._stop_requested = False
         self.best: dict | None = None  # {"metric", "value", "step"} of checkpoints/best
+        self.eval_note = ""  # the latest evaluate_at result, appended to the progress line
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
@@ -498,13 +502,16 @@ class Engine:
                                   "skipped_images": skipped}
                         self.log_metrics(record)
                         progress.update(step, f"loss {means.get('loss', float('nan')):.4f}  "
-                                        f"{_rate(record['images_per_s'])} img/s", log_line=True)
+                                        f"{_rate(record['images_per_s'])} img/s"
+                                        f"{self.eval_note}", log_line=True)
                         sums, counts, samples, data_wait = {}, {}, 0, 0.0
                         t_window = time.perf_counter()
                     else:
                         progress.update(step, "", log_line=False)
                     if cfg.val_every > 0 and step % cfg.val_every == 0 and step < total:
                         self._validate(task, model, step, steps_per_epoch, progress)
+                    if step < total:
+                        self._task_eval(task, model, step, steps_per_epoch, progress, False)
                     if is_ckpt:
                         self.save(task, model, optimizer, step, epoch)
                         last_saved = step
@@ -529,6 +536,7 @@ class Engine:
             if is_out_of_memory(e):
                 raise self._out_of_memory(e, step, last_saved, "the final validation") from None
             raise
+        self._task_eval(task, model, step, steps_per_epoch, progress, True)
         digests = gather_object([{"weights": weights_digest(acc.unwrap_model(model)),
                                   "samples_digest": sample_digest}])
         self.log_metrics({"event": "end", "step": step, "epoch": round(step / steps_per_epoch, 4),
@@ -536,6 +544,20 @@ class Engine:
                           "rank_samples_digest": [d["samples_digest"] for d in digests]})
         return {"step": step, "model": acc.unwrap_model(model), "val": val,
                 "checkpoint": ckpt.latest_checkpoint(self.run_dir), "best": self.best}
+
+    def _task_eval(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
+                   progress: _Progress, final: bool) -> dict:
+        evaluate = getattr(task, "evaluate_at", None)
+        if evaluate is None:
+            return {}
+        result = evaluate(self.acc.unwrap_model(model), step, final)
+        if result and self.acc.is_main_process:
+            self.log_metrics({"event": getattr(task, "eval_event", "eval"), "step": step,
+                              "epoch": round(step / steps_per_epoch, 4), **result})
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+            self.eval_note = f"  {shown}"
+            progress.print(f"{getattr(task, 'eval_event', 'eval')} at step {step}: {shown}")
+        return result
 
     def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
                   progress: _Progress) -> dict[str, float]:

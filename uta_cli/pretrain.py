@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import Subset
 
@@ -187,8 +188,15 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         val_source = Source(val_set, val_tf, val_collator, recipe.data.batch_size,
                             recipe.data.num_workers, 0, rank, world, shuffle=False,
                             drop_last=False, evaluation=True, limit=limit)
+    zeroshot = None
+    if recipe.eval.zeroshot not in ("", "none") and \
+            (recipe.eval.zeroshot != "demo" or recipe.eval.zeroshot_every > 0):
+        from uta_cli.evaluation import TrainingZeroShot
+
+        zeroshot = TrainingZeroShot.from_recipe(recipe, views[0])
+        say(f"[dim]{escape(zeroshot.describe())}[/dim]")
     task = AlignmentTask(recipe, student, teacher, source, val_source,
-                         {v.name: v for v in views}, grid_note)
+                         {v.name: v for v in views}, grid_note, zeroshot=zeroshot)
 
     engine = Engine(engine_config(recipe), acc, run_dir)  # writes config.yaml (or .<step>.yaml)
     result = engine.fit(task, resume=resume, label=f"{recipe.objective.upper()} pre-training",

@@ -122,8 +122,18 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Zero-shot evaluation at the end of training: "demo" (held-out demo images) or "none".
+    # Zero-shot evaluation of the student through the teacher's text tower: "none", "demo"
+    # (held-out demo images; at the end also the teacher side by side), or any dataset that
+    # `uta zeroshot --dataset` takes (a class folder, tar shards with eval.classnames,
+    # "imagenet" with eval.data_dir, ...).
     zeroshot: str = "none"
+    # Steps between zero-shot evaluations while training (0 = only at the end). The class
+    # weights are built once at the start (and cached); each evaluation is sharded over ranks.
+    zeroshot_every: int = 0
+    data_dir: str = ""  # what `uta zeroshot --data-dir` takes (imagenet: the folder with val/)
+    classnames: str = ""  # a file, one name per line ("" = the dataset's own)
+    templates: str = ""  # openai | simple | a file ("" = the dataset's own)
+    zeroshot_samples: int = 0  # evaluate on the first N images only (0 = all)
 
 
 @dataclass

@@ -65,7 +65,8 @@ def alignment_loss(pred: torch.Tensor, teacher_tokens: torch.Tensor,
 
 class AlignmentTask:
     def __init__(self, recipe: Recipe, student: UTAStudent, teacher: CLIPTeacher, source: Source,
-                 val_source: Source | None, views: dict[str, View], grid_note: str):
+                 val_source: Source | None, views: dict[str, View], grid_note: str,
+                 zeroshot=None):
         self.recipe = recipe
         self.objective = recipe.objective
         self.name = TASK_NAMES[self.objective]
@@ -79,6 +80,8 @@ class AlignmentTask:
         self.accelerator: Accelerator | None = None
         self.compiled = False  # train.compile, resolved in setup
         self._teacher_tokens = self._alignment_loss = None
+        # eval.zeroshot while training: an evaluation.TrainingZeroShot, or None
+        self.zeroshot = zeroshot
 
     def setup(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -92,6 +95,8 @@ class AlignmentTask:
             self.model.compile(dynamic=False)
             self._teacher_tokens = torch.compile(self.teacher.tokens, dynamic=False)
             self._alignment_loss = torch.compile(alignment_loss, dynamic=False)
+        if self.zeroshot is not None:  # the class weights, once, on the teacher's device
+            self.zeroshot.setup(self.teacher, accelerator)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         return decay_groups(model, weight_decay, no_decay_names=(MASK_TOKEN,))
@@ -184,6 +189,16 @@ class AlignmentTask:
         if n == 0:
             return {}
         return {f"val_{k}": float(v) / n for k, v in zip(self.metric_names, totals[:-1])}
+
+    eval_event = "zeroshot"
+
+    def evaluate_at(self, model: nn.Module, step: int, final: bool) -> dict:
+        """Zero-shot accuracy at eval.zeroshot_every steps and at the end; every rank reads
+        its share. {} when none is due."""
+        if self.zeroshot is None or not self.zeroshot.due(step, final):
+            return {}
+        return {"dataset": self.zeroshot.evalset.name,
+                **self.zeroshot(model, self.accelerator, self.accelerator.autocast)}
 
     def checkpoint_meta(self) -> dict:
         return {"objective": self.objective,
