@@ -5,7 +5,17 @@ from __future__ import annotations
 import typer
 
 from uta_cli import __version__
-from uta_cli.commands import convert, export, finetune, inspect_mask, pretrain, zeroshot
+from uta_cli.commands import (
+    classify,
+    convert,
+    embed,
+    export,
+    finetune,
+    inspect_mask,
+    pretrain,
+    repoint,
+    zeroshot,
+)
 from uta_cli.commands._common import UtaTyper
 
 app = UtaTyper(  # every command gets -v/--verbose and -q/--quiet
@@ -38,6 +48,9 @@ app.command("zeroshot")(zeroshot.zeroshot)
 app.command("export")(export.export)
 app.command("finetune")(finetune.finetune)
 app.command("convert")(convert.convert)
+app.command("embed")(embed.embed)
+app.command("classify")(classify.classify)
+app.command("repoint")(repoint.repoint)
 
 
 def main() -> None:

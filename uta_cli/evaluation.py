@@ -554,6 +554,9 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
         if with_teacher and teacher.kind == "release":
             raise UtaUsageError(f"{ckpt_dir} was tuned from a released UTA file, which has no "
                                 f"CLIP image tower to compare with. Drop --teacher.")
+        if with_teacher and meta.get("format") == "open-clip-folder":
+            raise UtaUsageError(f"{ckpt_dir} is an exported open_clip folder: its image tower "
+                                f"is the student, there is no teacher to compare with.")
     else:
         teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
     # A tuned text tower scores the student only; the teacher row is the teacher as it was,

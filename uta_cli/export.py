@@ -30,8 +30,8 @@ and `model_args` that override its arguments. The exported folder therefore hold
 TimmModel's forward is trunk.forward_features (blocks, final norm), CLS pooling, then head.proj:
 exactly the student's encode_image, so the mapping is exact, and open_clip loads it with no plugin.
 One limit: timm resolves the local-dir path against the working directory, not against the
-folder, so open_clip_config.json records the folder's absolute path. Move the folder and re-export
-(or edit that one string, `vision_cfg.timm_model_name`).
+folder, so open_clip_config.json records the folder's absolute path; `uta repoint FOLDER` rewrites
+it after a move (models/open_clip_folder.py).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +55,8 @@ from torch import nn
 
 from uta_cli import __version__
 from uta_cli.errors import UtaUsageError
+from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
+from uta_cli.models.open_clip_folder import TIMM_ARCH, capture_trunk_kwargs
 
 FORMATS = ("onnx", "torchscript", "pt2", "open-clip")
 KINDS = ("embedding", "tokens", "classifier")
@@ -71,10 +72,6 @@ ONNX_INSTALL_HINT = 'pip install "uta[onnx]"'
 # protobuf cannot serialise a single ModelProto over 2 GiB; external data would need a second file
 # whose name is baked into the graph, which defeats the temp-and-rename write.
 ONNX_MAX_BYTES = 2 * 1024**3 - 64 * 1024**2
-# Registered timm architectures whose entrypoints set only arguments every UTA trunk overrides
-# (patch_size, embed_dim, depth, num_heads, mlp_ratio), so `model_args` fully decides the model.
-TIMM_ARCH = {"eva": "eva_giant_patch14_224", "vit": "vit_base_patch16_224"}
-OPEN_CLIP_METADATA = "uta_export.json"
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +301,8 @@ def checkpoint_hash(folder: str) -> str:
     """SHA-256 of the checkpoint's weights (the file itself for a released UTA file)."""
     h = hashlib.sha256()
     path = folder if os.path.isfile(folder) else os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(path):  # an exported open_clip folder given as the checkpoint
+        path = os.path.join(folder, "open_clip_model.safetensors")
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
@@ -494,43 +493,6 @@ def export_pt2(module: ExportModule, example: torch.Tensor, path: str) -> str:
     return "torch.export"
 
 
-def capture_trunk_kwargs(cfg) -> tuple[str, dict]:
-    """(family, the exact keyword arguments build_trunk passes to timm's Eva/VisionTransformer).
-
-    Captured by intercepting the constructor rather than restated here, so the export cannot drift
-    from how training builds the student.
-    """
-    from uta_cli.models import student as student_module
-
-    captured: dict = {}
-
-    class _Captured(Exception):
-        pass
-
-    def record(family: str):
-        def ctor(**kwargs):
-            captured.update(family=family, kwargs=kwargs)
-            raise _Captured
-
-        return ctor
-
-    with mock.patch.object(student_module, "Eva", record("eva")), \
-            mock.patch.object(student_module, "VisionTransformer", record("vit")):
-        try:
-            student_module.build_trunk(cfg)
-        except _Captured:
-            pass
-    if not captured:
-        raise ExportFailed("could not read the student's timm arguments from build_trunk")
-    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in captured["kwargs"].items()}
-    try:
-        json.dumps(kwargs)
-    except TypeError as e:
-        raise UtaUsageError(f"The student's timm_kwargs are not JSON-serialisable ({e}); the "
-                            f"open-clip format must write them into a config file.") from None
-    return captured["family"], kwargs
-
-
 def timm_trunk_config(student: nn.Module, metadata: dict) -> dict:
     """timm's local-dir config.json (its push_to_hf layout) for the student's trunk."""
     family, kwargs = capture_trunk_kwargs(student.cfg)
@@ -640,6 +602,9 @@ def load_open_clip(path: str) -> tuple[nn.Module, Callable]:
     """An exported folder as any open_clip user loads it: no plugin, just `local-dir:`."""
     import open_clip
 
+    from uta_cli.models.open_clip_folder import check_location
+
+    check_location(path)  # a moved folder: name the repair, not timm's missing-file error
     model, _, _ = open_clip.create_model_and_transforms("local-dir:" + path)
     return model.eval(), open_clip.get_tokenizer("local-dir:" + path)
 
@@ -768,8 +733,8 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
         if fmt == "open-clip":
             point_open_clip_at(tmp, output)
             metadata.update(open_clip_model="local-dir:" + output, relocatable=False,
-                            note="timm_model_name holds this folder's absolute path; re-export "
-                                 "(or edit it) after moving the folder")
+                            note="timm_model_name holds this folder's absolute path; after "
+                                 "moving the folder run: uta repoint FOLDER")
             _write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
         if side:
             _write_json(f"{tmp}.json", metadata)

@@ -21,8 +21,8 @@ def convert(
     finetune and pretrain's student.init take it), OUTPUT/text_tower.safetensors (the released
     text tower) and OUTPUT/open_clip/, an open_clip folder that loads with
     open_clip.create_model_and_transforms("local-dir:OUTPUT/open_clip") (it names its timm tower
-    by absolute path: convert again after moving it). Both are loaded back and checked against
-    the release. The load is strict: any unexpected or missing key is an error.
+    by absolute path: after moving OUTPUT run uta repoint OUTPUT). Both are loaded back and
+    checked against the release. The load is strict: any unexpected or missing key is an error.
 
     Example:
 

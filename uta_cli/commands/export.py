@@ -70,7 +70,8 @@ def export(
 
     The open-clip folder loads with open_clip.create_model_and_transforms("local-dir:FOLDER"):
     the student is a timm image tower (described by FOLDER/timm_trunk/config.json, referenced by
-    absolute path, so re-export after moving the folder) and the teacher's text tower is kept.
+    absolute path: after moving the folder run uta repoint FOLDER) and the teacher's text tower
+    is kept.
 
     Examples:
 

@@ -145,7 +145,8 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: s
 
     A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
     meta then carries `bundled_text`, the release's own text tower (a ReleaseTextTower). A
-    contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, so
+    contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, as
+    does an exported open_clip folder (uta export / uta convert) its own, so
     zero-shot and export score the student with the text side it was tuned with;
     teacher_weights says where that checkpoint's teacher lives now, if it moved.
     """
@@ -156,6 +157,11 @@ def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: s
     if release.resolve_format(ckpt_dir, fmt) == "uta-release":
         rel = release.load_release(ckpt_dir)
         return rel.student, dict(rel.meta, bundled_text=rel.text_tower)
+    from uta_cli.models import open_clip_folder
+
+    if fmt != "uta-release" and open_clip_folder.is_open_clip_folder(ckpt_dir):
+        student, text, meta = open_clip_folder.load_folder(ckpt_dir)  # its own text tower
+        return student, dict(meta, bundled_text=text)
     folder = ckpt.resolve_checkpoint(ckpt_dir)
     meta = ckpt.load_meta(folder)
     if meta.get("task") == "uta-contrastive":
