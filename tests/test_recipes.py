@@ -39,7 +39,7 @@ STEPS = 2
 
 def test_every_recipe_is_covered():
     assert set(PRETRAIN) | set(FINETUNE) == set(RECIPES)
-    assert {"demo", "vitb16", "vitl14", "finetune_vitb16_in1k", "contrastive_vitb16"} <= \
+    assert {"demo", "vitb16", "vitl14", "vitg14", "finetune_vitb16_in1k", "contrastive_vitb16"} <= \
         set(RECIPES)
     for name in FINETUNE:
         pretrain_of(name)  # each fine-tuning recipe has a pre-training recipe to start from
