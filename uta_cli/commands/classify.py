@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from uta_cli.commands._common import cli_errors, err_console, quiet_libraries
+from uta_cli.commands._common import cli_errors, quiet_libraries
 from uta_cli.commands.embed import CKPT_HELP
 
 
@@ -62,7 +62,7 @@ def classify(
         done = {r["file"] for r in results}
         skipped = [f for f in index.files if f not in done]
         for path in skipped:
-            err_console.print(f"skipped unreadable image: {path}", highlight=False)
+            typer.echo(f"skipped unreadable image: {path}", err=True)
         if as_json:
             typer.echo(json.dumps({"checkpoint": model.meta.get("checkpoint_dir"),
                                    "model": model.encoder.model, "labels": names,

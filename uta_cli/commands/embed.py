@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from uta_cli.commands._common import cli_errors, err_console, quiet_libraries
+from uta_cli.commands._common import cli_errors, quiet_libraries
 
 CKPT_HELP = ("A run directory (its newest checkpoint), a checkpoint folder (checkpoints/step_*), "
              "a released UTA file (uta_base_p16_224.pt, ...) or an exported open_clip folder "
@@ -50,15 +50,14 @@ def embed(
         inf.check_embed_output(output, force)
         index = inf.image_index(images or [], folder)
         model = inf.load_model(ckpt, ckpt_format, teacher_weights, device, precision)
-        err_console.print(f"embedding {len(index)} image(s) with {model.encoder.model} "
-                          f"({model.precision} on {model.device.type})", highlight=False)
+        typer.echo(f"embedding {len(index)} image(s) with {model.encoder.model} "
+                   f"({model.precision} on {model.device.type})", err=True)
         emb, files, skipped = inf.embed(model, index, batch_size,
                                         default_workers() if workers < 0 else workers)
         for path in skipped[:10]:
-            err_console.print(f"skipped unreadable image: {path}", highlight=False)
+            typer.echo(f"skipped unreadable image: {path}", err=True)
         if len(skipped) > 10:
-            err_console.print(f"... and {len(skipped) - 10} more unreadable images",
-                              highlight=False)
+            typer.echo(f"... and {len(skipped) - 10} more unreadable images", err=True)
         out, listing = inf.write_embeddings(output, emb, files, inf.embedding_info(model))
         typer.echo(f"wrote {out} ({emb.shape[0]} x {emb.shape[1]}, normalised) and {listing}"
                    + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
