@@ -165,7 +165,11 @@ def clip_from_file(model: str, path: str) -> tuple[nn.Module, str]:
             f"{path} is a released UTA file (detected: a UTA student with SwiGLU blocks and its "
             f"text tower), not the weights of teacher '{model}'. Give the teacher's CLIP weights "
             f"as teacher.weights; a released UTA file is used as student.init, init or --ckpt.")
-    clip = open_clip.create_model(model)  # random init, replaced entirely below
+    logging.disable(logging.WARNING)  # open_clip warns "no pretrained weights": loaded below
+    try:
+        clip = open_clip.create_model(model)  # random init, replaced entirely below
+    finally:
+        logging.disable(logging.NOTSET)
     what = f"Teacher weights {path} ({layout} layout) do not fit teacher.model '{model}'"
     if layout == "eva-clip":
         state = eva_clip_to_open_clip(state, clip)
