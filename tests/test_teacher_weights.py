@@ -115,3 +115,20 @@ def test_uta_release_layout_as_teacher_weights_is_named(eva, tmp_path):
     torch.save(like_release, tmp_path / "uta_large_p14_336.pt")
     with pytest.raises(UtaUsageError, match="is a released UTA file"):
         load_teacher(eva["name"], str(tmp_path / "uta_large_p14_336.pt"))
+
+
+def test_hf_hub_model_from_the_offline_cache(tmp_path, monkeypatch, tiny_clip_dir):
+    # the Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/files}
+    import shutil
+
+    repo = tmp_path / "hub" / "models--someone--tiny-clip"
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    teacher = load_teacher("hf-hub:someone/tiny-clip", "")
+    assert teacher.identity.model == f"local-dir:{repo / 'snapshots' / 'abc123'}"
+    with pytest.raises(UtaUsageError, match="not in the local Hugging Face cache"):
+        load_teacher("hf-hub:someone/not-downloaded", "")

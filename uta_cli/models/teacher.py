@@ -78,7 +78,10 @@ def _missing_weights_error(model: str) -> UtaUsageError:
 
 
 def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
-    """Build an open_clip CLIP from a local-dir folder, a weights file, or a hub tag."""
+    """Build an open_clip CLIP from a local-dir folder, a weights file, a hub tag, or an
+    `hf-hub:org/name` model already in the local Hugging Face cache."""
+    if model.startswith("hf-hub:"):
+        model = "local-dir:" + hf_cache_folder(model[len("hf-hub:"):])
     if model.startswith("local-dir:"):
         folder, weights = model[len("local-dir:"):], model
     elif weights and os.path.isdir(weights):
@@ -136,6 +139,20 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg,
         weights_layout=layout, resize_mode=str(pp.get("resize_mode") or "shortest"))
     return clip, identity
+
+
+def hf_cache_folder(repo_id: str) -> str:
+    """The cached snapshot of a Hugging Face hub repository (offline: never downloads)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as e:  # not cached, or a malformed name
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UtaUsageError(
+            f"teacher.model hf-hub:{repo_id} is not in the local Hugging Face cache ({first}). "
+            f"Download it once with network (huggingface-cli download {repo_id}), or pass its "
+            f"folder: --set teacher.model=local-dir:/path/to/folder.") from None
 
 
 def clip_from_file(model: str, path: str) -> tuple[nn.Module, str]:
