@@ -328,3 +328,44 @@ def test_tar_shards_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path
     end = [r for r in metrics(tmp_path / "full") if r.get("event") == "end"][-1]
     assert end["rank_weights"][0] == end["rank_weights"][1]
     assert end["rank_samples_digest"][0] != end["rank_samples_digest"][1]
+
+
+def test_another_process_count_with_the_same_global_batch_continues_the_epoch():
+    """The guard accepts 2 -> 1 processes when batch x processes x accumulation is kept (and
+    records the batch change), refuses a changed global batch; an image-folder epoch then goes
+    on with exactly the samples the first launch had not reached yet."""
+    from uta_cli.data import MaskCollator, Source
+    from uta_cli.errors import UtaUsageError
+    from uta_cli.resume_guard import check_resume
+
+    recipe = {"data": {"batch_size": 4, "source": "/data"}, "train": {"grad_accum": 1}}
+    two = {"world_size": 2, "batch_size": 4, "grad_accum": 1}
+    kw = dict(source="ckpt", old_recipe=recipe, old_teacher=None, new_teacher=None,
+              old_launch=two, allow=[])
+    one = {"data": {"batch_size": 8, "source": "/data"}, "train": {"grad_accum": 1}}
+    accepted = check_resume(new_recipe=one, new_launch={**two, "world_size": 1,
+                                                         "batch_size": 8}, **kw)
+    assert accepted.changes == {"data.batch_size": [4, 8]} and accepted.world_size == (2, 1)
+    assert accepted.record()["world_size"] == [2, 1]
+    with pytest.raises(UtaUsageError, match="global batch of 8.*giving 4"):
+        check_resume(new_recipe=recipe, new_launch={**two, "world_size": 1}, **kw)
+
+    class Ids(torch.utils.data.Dataset):
+        def __len__(self):
+            return 37
+
+        def __getitem__(self, i):
+            return {"sample_id": i}
+
+    def source(rank, world, batch):
+        return Source(Ids(), type("T", (), {"set_epoch": lambda self, e: None})(),
+                      MaskCollator(None, (1, 1), 0), batch, 0, 5, rank, world)
+
+    epoch, done = 3, 2  # two steps of 8 samples taken by the 2-process launch
+    before = [int(i) for rank in range(2)
+              for b in itertools.islice(source(rank, 2, 4).batches(epoch), done)
+              for i in b["sample_id"]]
+    after = [int(i) for b in source(0, 1, 8).batches(epoch, skip=done) for i in b["sample_id"]]
+    whole = [int(i) for b in source(0, 1, 8).batches(epoch) for i in b["sample_id"]]
+    assert not set(before) & set(after) and sorted(before + after) == sorted(whole)
+    assert source(0, 1, 8).steps_per_epoch(1, 8) == source(0, 2, 4).steps_per_epoch(2, 4)
