@@ -74,6 +74,7 @@ from uta_cli.zeroshot import (
     classification_metrics,
     classifier_cache_key,
     classifier_part,
+    encode_texts,
     load_cached_classifier,
     merge_by_id,
     read_text_lines,
@@ -766,8 +767,10 @@ def retrieval_shard(loader, total: int | None, encoders: list[Encoder],
         for e in encoders:
             if id(e.text) not in by_tower:
                 encode = text_encoder(e.text, text_context)
-                chunks = [F.normalize(encode(e.text.tokenizer(texts[s:s + texts_per_batch])),
-                                      dim=-1).cpu() for s in range(0, len(texts), texts_per_batch)]
+                # encode_texts: sorted by length, so trimmed forwards stay short
+                chunks = [F.normalize(encode_texts(
+                    encode, e.text.tokenizer(texts[s:s + texts_per_batch])), dim=-1).cpu()
+                    for s in range(0, len(texts), texts_per_batch)]
                 by_tower[id(e.text)] = torch.cat(chunks) if chunks else \
                     torch.zeros(0, e.text.embed_dim)
     dim = encoders[0].text.embed_dim
