@@ -13,6 +13,7 @@ from uta_cli.commands import (
     finetune,
     inspect_mask,
     pretrain,
+    recipes,
     repoint,
     zeroshot,
 )
@@ -51,6 +52,7 @@ app.command("convert")(convert.convert)
 app.command("embed")(embed.embed)
 app.command("classify")(classify.classify)
 app.command("repoint")(repoint.repoint)
+app.command("recipes")(recipes.recipes)
 
 
 def main() -> None:

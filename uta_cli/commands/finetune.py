@@ -27,6 +27,9 @@ def finetune(
                                             "(comma-separated or repeated), e.g. --allow-changes "
                                             "optim.lr,schedule.steps. Anything else that differs "
                                             "refuses to resume."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and a "
+                                 "summary of data, teacher, student and run directory, check "
+                                 "that they are reachable, and exit without training."),
 ) -> None:
     """Fine-tune a UTA ViT: classification or contrastive tuning, as the recipe's task says.
 
@@ -55,6 +58,11 @@ def finetune(
         from uta_cli.finetune import check_recipe, run_finetune
 
         check_recipe(loaded)
+        if dry_run:
+            from uta_cli.dryrun import dry_run as show
+
+            show(loaded, output_dir=output_dir, resume=resume)
+            return
         from uta_cli.resume_guard import parse_allow_changes
 
         parse_allow_changes(allow_changes)  # unsafe keys fail before any model is built

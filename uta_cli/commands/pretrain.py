@@ -26,6 +26,9 @@ def pretrain(
                                             "(comma-separated or repeated), e.g. --allow-changes "
                                             "optim.lr,schedule.steps. Anything else that differs "
                                             "refuses to resume."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and a "
+                                 "summary of data, teacher, student and run directory, check "
+                                 "that they are reachable, and exit without training."),
 ) -> None:
     """UTA pre-training: align a ViT student's visible tokens with a frozen CLIP teacher.
 
@@ -47,6 +50,11 @@ def pretrain(
         from uta_cli.pretrain import check_recipe, run_pretrain
 
         check_recipe(loaded)
+        if dry_run:
+            from uta_cli.dryrun import dry_run as show
+
+            show(loaded, output_dir=output_dir, resume=resume)
+            return
         from uta_cli.resume_guard import parse_allow_changes
 
         parse_allow_changes(allow_changes)  # unsafe keys fail before any model is built
