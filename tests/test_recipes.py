@@ -163,3 +163,18 @@ def test_finetune_recipe_runs_two_steps(name, workspace):
     assert meta["task"] == {"classification": "classification",
                             "contrastive": "uta-contrastive"}.get(shipped.task, meta["task"])
 
+
+
+def test_finetune_recipe_from_an_open_clip_eva_tower(workspace):
+    """`init=open_clip:EVA02-*`: the EVA-CLIP image tower (a timm trunk) is the backbone."""
+    from uta_cli.finetune import run_finetune
+
+    teacher = teacher_folder(workspace / "teachers", "EVA02-L-14")
+    sets = {**common_sets("finetune_vitb16_in1k"), "init": f"open_clip:local-dir:{teacher}",
+            "data.source": str(workspace / "train"), "data.val_source": str(workspace / "val"),
+            "finetune.classnames": "", "finetune.zeroshot_head": True}
+    recipe = load_recipe("finetune_vitb16_in1k", [f"{k}={v}" for k, v in sets.items()])
+    run_dir = workspace / "runs" / "finetune_open_clip_eva"
+    run_finetune(recipe, output_dir=str(run_dir), resume="never")
+    meta = check_two_steps(run_dir)
+    assert meta["backbone"]["kind"] == "open_clip" and meta["preprocess"]["size"] == 224

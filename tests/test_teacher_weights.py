@@ -3,6 +3,8 @@ files (converted on load), told apart from released UTA files; strict loading by
 
 from __future__ import annotations
 
+import json
+
 import open_clip
 import pytest
 import timm
@@ -132,3 +134,38 @@ def test_hf_hub_model_from_the_offline_cache(tmp_path, monkeypatch, tiny_clip_di
     assert teacher.identity.model == f"local-dir:{repo / 'snapshots' / 'abc123'}"
     with pytest.raises(UtaUsageError, match="not in the local Hugging Face cache"):
         load_teacher("hf-hub:someone/not-downloaded", "")
+
+
+def test_pretraining_against_the_native_file_equals_the_open_clip_file(eva, tmp_path):
+    """Two steps of `uta pretrain` against the same EVA teacher saved in both layouts: the same
+    losses and the same student, bit for bit."""
+    from accelerate.state import AcceleratorState
+    from conftest import write_images
+    from safetensors.torch import load_file
+
+    from uta_cli import checkpoint as ckpt
+    from uta_cli.pretrain import run_pretrain
+    from uta_cli.recipe import load_recipe
+
+    write_images(tmp_path / "imgs", 4, size=48)
+    results = []
+    for fname in ("open_clip_pytorch_model.bin", "EVA02_CLIP_L_psz14_s4B.pt"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        sets = {"data.source": str(tmp_path / "imgs"), "data.batch_size": 2,
+                "data.num_workers": 0, "teacher.model": eva["name"],
+                "teacher.weights": str(eva["root"] / fname), "student.image_size": 224,
+                "student.patch_size": 16, "student.width": 32, "student.depth": 1,
+                "student.heads": 2, "schedule.steps": 2, "schedule.warmup_steps": 1,
+                "train.precision": "fp32", "train.log_every": 1, "train.checkpoint_every": 2}
+        run = tmp_path / fname
+        run_pretrain(load_recipe("vitb16", [f"{k}={v}" for k, v in sets.items()]),
+                     output_dir=str(run), resume="never")
+        folder = ckpt.latest_checkpoint(str(run))
+        with open(run / "metrics.jsonl") as f:
+            losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        results.append((losses, load_file(f"{folder}/model.safetensors"),
+                        ckpt.load_meta(folder)["teacher"]["weights_layout"]))
+    (loss_a, w_a, layout_a), (loss_b, w_b, layout_b) = results
+    assert (layout_a, layout_b) == ("open_clip", "eva-clip")
+    assert len(loss_a) >= 2 and loss_a == loss_b
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
