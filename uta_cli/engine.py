@@ -209,12 +209,15 @@ class Engine:
         self._stop_requested = False
         self.best: dict | None = None  # {"metric", "value", "step"} of checkpoints/best
         self.eval_note = ""  # the latest evaluate_at result, appended to the progress line
+        self.trackers = None  # train.report_to (tensorboard, wandb, ...), main process only
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def _truncate_metrics(self, step: int) -> None:
         """After a resume, drop records that the interrupted run wrote past its checkpoint."""
@@ -407,6 +410,10 @@ class Engine:
             else:  # a fresh run competes with itself only, as it starts a fresh log
                 shutil.rmtree(self.best_dir, ignore_errors=True)
         model.train()
+        if acc.is_main_process:  # every record of metrics.jsonl also goes to train.report_to
+            from uta_cli.tracking import open_trackers
+
+            self.trackers = open_trackers(cfg.recipe, self.run_dir)
 
         quiet = logging.getLogger("uta_cli").getEffectiveLevel() > logging.WARNING  # -q
         progress = _Progress(acc.is_main_process and not quiet, total, start_step, label)
@@ -474,8 +481,13 @@ class Engine:
                     if exhausted:
                         optimizer.zero_grad(set_to_none=True)
                         break
-                    if cfg.grad_clip > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    # The norm before clipping, logged beside the loss: spikes show here
+                    # first. inf = measure without clipping.
+                    norm = acc.clip_grad_norm_(model.parameters(),
+                                               cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                    if norm is not None:
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm.detach().float()
+                        counts["grad_norm"] = counts.get("grad_norm", 0) + 1
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
