@@ -1,19 +1,29 @@
-"""UTA step vs a masked-image-modelling (MIM) step, measured side by side in one run.
+"""UTA step vs a masked-image-modelling (MIM) step and a plain timm reference, side by side.
 
-The UTA student runs on the visible tokens only (mask ratio 0.5). The MIM step runs the same
-student on ALL tokens, with the masked ones replaced by a learned [MASK] token (BEiT / EVA-02),
-against the same teacher. Also: mask generation speed, the demo's data-wait share, peak memory.
+- UTA: the student on the visible tokens only (mask ratio 0.5), the training code's `uta`
+  objective (`tasks.alignment.objective_loss`).
+- MIM: the training code's `mim` objective: the same student on every token, the masked ones
+  replaced by its learned [MASK] embedding, the loss on the masked tokens (EVA-02).
+- reference: timm's own `Eva` of the same configuration, `forward_features` on an input whose
+  patch grid holds as many patches as UTA keeps (no gather, no per-sample RoPE), the same head
+  and loss: the floor the UTA step is measured against.
+Each step is forward, loss, backward and fused AdamW. MFU: FLOPs counted once per side by
+torch's FLOP counter (the same rules for all sides) over the median step time and the GEMM rate
+this process measures on this machine. Also: mask generation speed, the demo's data-wait
+share, eager vs `train.compile` (--compile), and CUDA peak memory on a GPU.
 
     python benchmarks/pretrain_step.py                 # tiny and B/16 (CPU: a few minutes)
     python benchmarks/pretrain_step.py --configs tiny  # seconds
     python benchmarks/pretrain_step.py --demo-steps 100  # also measure the demo's data wait
+    python benchmarks/pretrain_step.py --configs tiny --compile tiny  # compiling takes minutes
 
-Ratios are what matter: both sides run in the same process, interleaved, on the same inputs.
+Ratios are what matter: all sides run in the same process, interleaved, on the same inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -27,12 +37,14 @@ import numpy as np
 import open_clip
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from uta_cli.losses import gather_targets, token_alignment_loss
 from uta_cli.masking import MaskSpec, generate_masks, keep_indices
-from uta_cli.models.student import UTAStudent
+from uta_cli.models.student import UTAStudent, build_trunk
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
 from uta_cli.recipe import StudentConfig
+from uta_cli.tasks.alignment import objective_loss
 
 CONFIGS = {
     # name: (student config, open_clip teacher config, batch)
@@ -57,23 +69,56 @@ def build_teacher(cfg, device, precision) -> CLIPTeacher:
     return teacher.to(device, precision)
 
 
-class MIMStep(nn.Module):
-    """The same student on every token; masked patch embeddings replaced by a [MASK] token."""
+# Wall time by default. On a CPU shared with other jobs, `--clock cpu` times this process's CPU
+# seconds instead (run it with one thread: OMP_NUM_THREADS=1), which other processes on the
+# cores inflate far less than wall time.
+clock = time.perf_counter
 
-    def __init__(self, student: UTAStudent):
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048,
+                    rounds: int = 5) -> float:
+    """The machine's measured matrix-multiply rate (FLOP/s, best of `rounds`): the ceiling that
+    MFU is reported against, measured in this process with the threads the steps get."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(rounds + 1):
+        _sync(device)
+        t = clock()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, clock() - t)
+    return 2 * n**3 / best
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call (forward and backward) by torch's FLOP counter: matrix multiplies,
+    convolutions and attention, the same rules for every side."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reference_trunk(scfg: StudentConfig, tokens: int) -> tuple[nn.Module, tuple[int, int]]:
+    """timm's own Eva, built from the student's configuration exactly as the student's trunk,
+    at an input size whose patch grid holds `tokens` patches (the UTA student's visible count):
+    the same work as the UTA step without the gather. Returns the trunk and its (H, W)."""
+    side = scfg.image_size // scfg.patch_size
+    rows = next(r for r in range(side, 0, -1) if tokens % r == 0 and tokens // r <= side)
+    size = (rows * scfg.patch_size, tokens // rows * scfg.patch_size)
+    cfg = dataclasses.replace(scfg, timm_kwargs={**scfg.timm_kwargs, "img_size": size})
+    return build_trunk(cfg), size
+
+
+class ReferenceStep(nn.Module):
+    """timm's forward_features (every token, its final norm) and the same head as the student."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
         super().__init__()
-        self.student = student
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, student.cfg.width))
+        self.trunk, self.head = trunk, head
 
-    def forward(self, images, mask):  # mask: (B, N) bool, True = masked
-        trunk = self.student.trunk
-        x = trunk.patch_embed(images)
-        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x, rope = trunk._pos_embed(x)
-        x = trunk.norm_pre(x)
-        for blk in trunk.blocks:
-            x = blk(x, rope=rope)
-        return self.student.head(trunk.norm(x))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk.forward_features(images))
 
 
 def bench_config(name: str, device: torch.device, precision: str, iters: int) -> dict:
@@ -82,70 +127,75 @@ def bench_config(name: str, device: torch.device, precision: str, iters: int) ->
     teacher = build_teacher(tcfg, device, precision)
     student = UTAStudent(scfg, teacher.embed_dim).to(device)
     teacher.match_grid(student.grid_size, "resize")
-    mim = MIMStep(UTAStudent(scfg, teacher.embed_dim)).to(device)
-    opt_uta = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
-    opt_mim = torch.optim.AdamW(mim.parameters(), lr=1e-4, fused=True)
+    mim = UTAStudent(scfg, teacher.embed_dim, mask_token=True).to(device)
     grid = student.grid_size
     ids = np.arange(batch)
-    masks = torch.from_numpy(generate_masks(MaskSpec(), grid, 0, 0, ids)).to(device)
-    keep = torch.from_numpy(keep_indices(masks.cpu().numpy())).to(device)
+    keep = torch.from_numpy(keep_indices(generate_masks(MaskSpec(), grid, 0, 0, ids))).to(device)
+    visible = keep.shape[1]
+    ref_trunk, ref_size = reference_trunk(scfg, visible)
+    reference = ReferenceStep(ref_trunk, nn.Linear(scfg.width, teacher.embed_dim)).to(device)
+    models = {"uta": student, "mim": mim, "reference": reference}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
     images = torch.randn(batch, 3, scfg.image_size, scfg.image_size, device=device)
+    ref_images = torch.randn(batch, 3, *ref_size, device=device)
     t_images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    n = student.num_patches
+    targets = teacher.tokens(t_images)
+    ref_targets = gather_targets(targets, keep)  # (B, 1 + visible, E): the UTA step's targets
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def uta_student(targets):
+    def loss_of(kind: str) -> torch.Tensor:
         with amp:
-            out = token_alignment_loss(student(images, keep), gather_targets(targets, keep))
-        out["loss"].backward()
-        opt_uta.step()
-        opt_uta.zero_grad(set_to_none=True)
+            if kind == "reference":  # timm's forward_features (with its norm) + the head
+                return token_alignment_loss(reference(ref_images), ref_targets)["loss"]
+            model = models[kind]  # the training code's own objective, uta or mim
+            return objective_loss(kind, model, images, targets, keep, n)["loss"]
 
-    def mim_student(targets):
-        with amp:
-            pred = mim(images, masks)
-            out = token_alignment_loss(pred, targets)  # MIM aligns every token with the target
-        out["loss"].backward()
-        opt_mim.step()
-        opt_mim.zero_grad(set_to_none=True)
+    def step(kind: str) -> None:
+        loss_of(kind).backward()
+        opts[kind].step()
+        opts[kind].zero_grad(set_to_none=True)
 
-    times = {"uta_student": [], "mim_student": [], "teacher": []}
-    peak = {}
-    for i in range(iters + 2):  # 2 warm-up rounds, then interleave so both see the same load
-        sync()
-        t0 = time.perf_counter()
-        targets = teacher.tokens(t_images)
-        sync()
-        t1 = time.perf_counter()
-        for kind, fn in (("uta_student", uta_student), ("mim_student", mim_student)):
+    flops = {k: count_flops(lambda k=k: loss_of(k).backward()) for k in models}
+    for m in models.values():
+        m.zero_grad(set_to_none=True)
+    flops["teacher"] = count_flops(lambda: teacher.tokens(t_images))
+    peak = gemm_peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+    times = {"uta": [], "mim": [], "reference": [], "teacher": []}
+    mem = {}
+    for i in range(iters + 2):  # 2 warm-up rounds, then interleave so all see the same load
+        _sync(device)
+        t0 = clock()
+        teacher.tokens(t_images)
+        _sync(device)
+        if i >= 2:
+            times["teacher"].append(clock() - t0)
+        for kind in models:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            sync()
-            t = time.perf_counter()
-            fn(targets)
-            sync()
+            _sync(device)
+            t = clock()
+            step(kind)
+            _sync(device)
             if i >= 2:
-                times[kind].append(time.perf_counter() - t)
+                times[kind].append(clock() - t)
             if device.type == "cuda":
-                peak[kind] = torch.cuda.max_memory_allocated() / 2**20
-        if i >= 2:
-            times["teacher"].append(t1 - t0)
+                mem[kind] = torch.cuda.max_memory_allocated() / 2**20
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "config": name, "batch": batch, "grid": list(grid), "visible_tokens": keep.shape[1],
-        "uta_student_s": round(med["uta_student"], 4),
-        "mim_student_s": round(med["mim_student"], 4),
-        "teacher_s": round(med["teacher"], 4),
-        "student_step_ratio": round(med["uta_student"] / med["mim_student"], 3),
-        "whole_step_ratio": round((med["uta_student"] + med["teacher"])
-                                  / (med["mim_student"] + med["teacher"]), 3),
+        "config": name, "batch": batch, "grid": list(grid), "visible_tokens": visible,
+        "reference_input": list(ref_size), "gemm_peak_tflops": round(peak / 1e12, 4),
+        **{f"{k}_s": round(v, 4) for k, v in med.items()},
+        **{f"{k}_gflop": round(v / 1e9, 1) for k, v in flops.items()},
+        **{f"{k}_mfu": round(flops[k] / med[k] / peak, 3) for k in med},
+        "uta_over_reference": round(med["uta"] / med["reference"], 3),
+        "student_step_ratio": round(med["uta"] / med["mim"], 3),
+        "whole_step_ratio": round((med["uta"] + med["teacher"]) / (med["mim"] + med["teacher"]),
+                                  3),
     }
-    if peak:
-        result["peak_mib_uta"] = round(peak["uta_student"])
-        result["peak_mib_mim"] = round(peak["mim_student"])
+    for k, v in mem.items():
+        result[f"peak_mib_{k}"] = round(v)
     return result
 
 
@@ -177,21 +227,21 @@ def bench_compile(name: str, device: torch.device, precision: str, iters: int) -
 
     def step(kind: str) -> tuple[float, float]:
         model, tokens, loss_fn = sides[kind]
-        t0 = time.perf_counter()
+        t0 = clock()
         targets = tokens(t_images)
         _sync(device)
-        t1 = time.perf_counter()
+        t1 = clock()
         with amp:
             loss = loss_fn(model(images, keep), targets, keep)["loss"]
         loss.backward()
         opts[kind].step()
         opts[kind].zero_grad(set_to_none=True)
         _sync(device)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, clock() - t1
 
-    t = time.perf_counter()
+    t = clock()
     step("compiled")
-    compile_s = time.perf_counter() - t
+    compile_s = clock() - t
     times = {k: ([], []) for k in sides}
     for i in range(iters + 1):
         for kind in sides:
@@ -250,20 +300,34 @@ def main() -> None:
                     help="also run the demo this many steps to measure its data wait")
     ap.add_argument("--compile", default="",
                     help="configs to also run eager vs torch.compile (slow to compile on CPU)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: this process's CPU seconds (a shared CPU; use one thread)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device={device} threads={torch.get_num_threads()} precision={args.precision}")
-    print(f"{'config':6} {'batch':>5} {'vis':>4} {'UTA s':>8} {'MIM s':>8} {'teacher s':>9} "
-          f"{'student UTA/MIM':>15} {'whole UTA/MIM':>13}")
+    global clock
+    if args.clock == "cpu":
+        if device.type == "cuda":
+            raise SystemExit("--clock cpu times CPU work; on a GPU use the default wall clock.")
+        clock = time.process_time
+    print(f"device={device} threads={torch.get_num_threads()} precision={args.precision} "
+          f"clock={args.clock}")
+    print("seconds per step (median, sides interleaved); MFU = counted FLOPs / time / this "
+          "machine's measured GEMM rate")
     results = []
     for name in args.configs.split(","):
         r = bench_config(name, device, args.precision, args.iters)
         results.append(r)
-        print(f"{name:6} {r['batch']:>5} {r['visible_tokens']:>4} {r['uta_student_s']:>8.4f} "
-              f"{r['mim_student_s']:>8.4f} {r['teacher_s']:>9.4f} {r['student_step_ratio']:>15.3f} "
-              f"{r['whole_step_ratio']:>13.3f}"
-              + (f"  peak MiB UTA {r['peak_mib_uta']} / MIM {r['peak_mib_mim']}"
-                 if "peak_mib_uta" in r else ""))
+        print(f"{name}: batch {r['batch']}, {r['visible_tokens']} of {r['grid'][0] * r['grid'][1]}"
+              f" patches visible, reference input {r['reference_input']}, GEMM peak "
+              f"{r['gemm_peak_tflops'] * 1000:.0f} GFLOP/s")
+        for k, label in (("uta", "UTA student step"), ("reference", "timm Eva reference step"),
+                         ("mim", "MIM student step"), ("teacher", "teacher forward")):
+            print(f"  {label:24} {r[k + '_s']:8.4f} s  {r[k + '_gflop']:9.1f} GFLOP  "
+                  f"MFU {r[k + '_mfu']:.3f}"
+                  + (f"  peak {r['peak_mib_' + k]} MiB" if f"peak_mib_{k}" in r else ""))
+        print(f"  UTA / reference {r['uta_over_reference']:.3f}   UTA / MIM (student) "
+              f"{r['student_step_ratio']:.3f}   UTA / MIM (whole step) "
+              f"{r['whole_step_ratio']:.3f}")
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {rss_mib:.0f} MiB")
     masks = bench_masks()
