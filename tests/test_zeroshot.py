@@ -741,3 +741,110 @@ def test_match_classnames_cases():
     assert names == ["x", "y", "z"] and "'a_b' -> 'x', 'c' -> 'y', ..." in note
     names, note = match_classnames(["c", "c", "d"], folders, "f")  # a duplicate: no mapping
     assert names == ["c", "c", "d"] and "not the folder names" in note
+
+
+# ------------------------------------------------------------- CLIP_benchmark datasets, variants
+
+
+def write_wds_layout(root, image_folder, templates=("a photo of a {c}.", "art of the {c}.")):
+    """CLIP_benchmark's webdataset layout of a class folder: classnames.txt, templates, test/."""
+    classes = sorted(os.listdir(image_folder))
+    os.makedirs(root / "test")
+    (root / "classnames.txt").write_text("\n".join(c.replace("_", " ") for c in classes) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    items = [(os.path.join(image_folder, c, f), y) for y, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(image_folder, c)))]
+    for shard in range(2):
+        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
+            for i, (path, y) in enumerate(items[shard::2]):
+                for ext, data in (("webp", _webp(path)), ("cls", str(y).encode())):
+                    info = tarfile.TarInfo(f"s{shard}_{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (root / "test" / "nshards.txt").write_text("2\n")
+    return str(root)
+
+
+def _webp(path) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, "WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_clip_benchmark_webdataset_layout_and_several_datasets(setup, tmp_path):
+    wds = write_wds_layout(tmp_path / "wds_toy", setup["data"])
+    base = ["--ckpt", setup["run"], "--precision", "fp32", "--workers", "0", "--cache-dir",
+            "none"]
+    result = zs(*base, "--dataset", wds, "--dataset", setup["data"], "--teacher",
+                "--output", tmp_path / "out" / "{dataset}_{model}.json")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "the dataset's own" in out and "OpenAI's ImageNet set" in out
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files == ["images_student.json", "images_teacher.json", "wds_toy_student.json",
+                     "wds_toy_teacher.json"]
+    got = {f: json.loads((tmp_path / "out" / f).read_text()) for f in files}
+    assert got["wds_toy_student.json"]["templates"]["count"] == 2
+    assert got["images_student.json"]["templates"]["name"] == "openai"
+    assert got["wds_toy_teacher.json"]["model"] == "local-dir:" + setup["clip"]
+    assert "UTA student" in out and "CLIP teacher" in out and "wds_toy" in out  # the summary
+    # the same images as a class folder with the same templates give the same numbers
+    folder = zs_json(tmp_path, *base[:-4], "--dataset", setup["data"], "--templates",
+                     os.path.join(wds, "zeroshot_classification_templates.txt"), "--teacher")
+    for f, want in (("wds_toy_student.json", folder), ("wds_toy_teacher.json",
+                                                        folder["teacher_result"])):
+        assert got[f]["metrics"] == want["metrics"] and got[f]["num_samples"] == 36
+
+    result = zs(*base, "--dataset", wds, "--split", "train")
+    assert result.exit_code == 2 and "no split 'train'" in result.output
+    result = zs(*base, "--dataset", wds, "--dataset", setup["data"], "--output-json", "x.json")
+    assert result.exit_code == 2 and "{dataset}" in result.output
+
+
+def _png(path, rng, size=(20, 14)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def test_imagenet_variants_have_the_reference_labels(tmp_path):
+    from open_clip import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    rng = np.random.default_rng(0)
+    # V2: folders named by class index, inside the archive's own folder; "10" sorts before "2"
+    v2 = tmp_path / "v2" / "imagenetv2-matched-frequency-format-val"
+    for c in ("0", "2", "10", "999"):
+        _png(v2 / c / "a.jpeg", rng)
+    s = resolve_dataset("imagenet-v2", str(tmp_path / "v2"))
+    got = {os.path.basename(os.path.dirname(f)): y for f, y in zip(s.index.files, s.index.labels)}
+    assert got == {"0": 0, "2": 2, "10": 10, "999": 999} and s.classnames[10] == \
+        IMAGENET_CLASSNAMES[10]
+    # A / R: 200-way over their wnid subset, in wnid order, with the OpenAI names
+    subset = wnids[3::5]
+    for w in subset:
+        _png(tmp_path / "a" / w / "x.jpg", rng)
+    s = resolve_dataset("imagenet-a", str(tmp_path / "a"))
+    assert len(s.classnames) == 200
+    assert s.classnames == [IMAGENET_CLASSNAMES[3 + 5 * i] for i in range(200)]
+    assert s.index.labels == list(range(200))
+    os.remove(tmp_path / "a" / subset[0] / "x.jpg")
+    os.rmdir(tmp_path / "a" / subset[0])
+    with pytest.raises(UtaUsageError, match="199 wnid folders"):
+        resolve_dataset("imagenet-r", str(tmp_path / "a"))
+    # ObjectNet: only the folders mapped to ImageNet, labelled in sorted folder order
+    on = tmp_path / "on"
+    for folder in ("air_freshener", "alarm_clock", "backpack", "zz_unmapped"):
+        _png(on / "objectnet-1.0" / "images" / folder / "1.png", rng)
+    (on / "objectnet-1.0" / "mappings").mkdir()
+    (on / "objectnet-1.0" / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps(
+        {"air_freshener": "Air freshener", "alarm_clock": "Alarm clock",
+         "backpack": "Backpack", "zz_unmapped": "Unmapped"}))
+    (on / "objectnet-1.0" / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Alarm clock": "analog clock; digital clock", "Backpack": "backpack, back pack"}))
+    s = resolve_dataset("objectnet", str(on))
+    assert s.classnames == ["alarm clock", "backpack"] and s.index.labels == [0, 1]
+    assert [os.path.basename(os.path.dirname(f)) for f in s.index.files] == \
+        ["alarm_clock", "backpack"]
+    with pytest.raises(UtaUsageError, match="needs --data-dir"):
+        resolve_dataset("imagenet-sketch")

@@ -133,6 +133,7 @@ class ZeroShotOptions:
     precision: str = "auto"
     cache_dir: str = ""  # "" = <uta cache>/classifiers; "none" = never cache
     texts_per_batch: int = 1024
+    split: str = "test"  # CLIP_benchmark's webdataset layout: the split folder to read
     ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
     text_context: str = "trimmed"  # trimmed | full: zeroshot.TextEncoder
 
@@ -283,6 +284,153 @@ def _imagenet(data_dir: str, classnames_file: str) -> EvalSet:
     return EvalSet("imagenet", "imagenet", root, names, source, "openai", index=index)
 
 
+IMAGENET_VARIANTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "objectnet")
+_VARIANT_LAYOUTS = {
+    "imagenet-v2": "folders 0 ... 999 named by ImageNet class index (ImageNetV2's "
+                   "imagenetv2-*-format-val folder, or the folder holding it)",
+    "imagenet-a": "one folder per ImageNet wnid (200 of them: n01498041 ...)",
+    "imagenet-r": "one folder per ImageNet wnid (200 of them: n01443537 ...)",
+    "imagenet-sketch": "one folder per ImageNet wnid (all 1000; ImageNet-Sketch's sketch/)",
+    "objectnet": "objectnet-1.0/images/<folder>/ plus the mapping files "
+                 "folder_to_objectnet_label.json and objectnet_to_imagenet_1k.json (in "
+                 "--data-dir, objectnet-1.0/mappings/ or mappings/)",
+}
+
+
+def _single_subfolder(fs, path: str, accept) -> str:
+    """path, or its only sub-folder that `accept`s (archives unpack into one folder)."""
+    entries = [e for e in fs.ls(path, detail=True) if e["type"] == "directory"]
+    if not any(accept(os.path.basename(e["name"].rstrip("/"))) for e in entries) and \
+            len(entries) == 1:
+        return entries[0]["name"]
+    return path
+
+
+def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet:
+    """ImageNet-V2 / -A / -R / -Sketch and ObjectNet with CLIP_benchmark's labels: V2's
+    numeric folders in numeric order; A and R as 200-way tasks over their wnid subsets (OpenAI
+    names); Sketch as ImageNet-1k; ObjectNet's 113 ImageNet-mapped classes by its own names."""
+    from open_clip import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    layout = f"--dataset {name} expects --data-dir with {_VARIANT_LAYOUTS[name]}."
+    if not data_dir:
+        raise UtaUsageError(f"--dataset {name} needs --data-dir. {layout}")
+    fs, path = _url_to_fs(data_dir)
+    if not fs.isdir(path):
+        raise UtaUsageError(f"--data-dir {data_dir} is not a folder. {layout}")
+    wnids = ImageNetInfo("imagenet-1k").label_names()
+    wnid_index = {w: i for i, w in enumerate(wnids)}
+    source = "openai (open_clip IMAGENET_CLASSNAMES)"
+    if name == "objectnet":
+        return _objectnet(data_dir, fs, path, classnames_file, layout)
+    if name == "imagenet-v2":
+        path = _single_subfolder(fs, path, str.isdigit)
+        root = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        index = index_image_folder(root, "classes")
+        bad = [c for c in index.classes if not c.isdigit() or int(c) >= 1000]
+        if bad:
+            raise UtaUsageError(f"{root} has folder(s) that are not ImageNet class indices "
+                                f"(e.g. {bad[0]!r}). {layout}")
+        # label = the folder's number, not its place in the (string-)sorted listing
+        numbers = [int(c) for c in index.classes]
+        index.labels = [numbers[y] for y in index.labels]
+        index.classes = [str(i) for i in range(1000)]
+        names = list(IMAGENET_CLASSNAMES)
+    else:
+        if name == "imagenet-sketch":
+            path = _single_subfolder(fs, path, lambda n: n in wnid_index)
+        root = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        index = index_image_folder(root, "classes")
+        unknown = [c for c in index.classes if c not in wnid_index]
+        if unknown:
+            raise UtaUsageError(f"{root} has folder(s) that are not ImageNet wnids (e.g. "
+                                f"{unknown[0]!r}). {layout}")
+        expected = 1000 if name == "imagenet-sketch" else 200
+        if len(index.classes) != expected:
+            raise UtaUsageError(f"{root} has {len(index.classes)} wnid folders; {name} has "
+                                f"{expected}. {layout}")
+        names = [IMAGENET_CLASSNAMES[wnid_index[w]] for w in index.classes]
+    if classnames_file:
+        names = _apply_classnames_file(classnames_file, len(names), name)
+        source = classnames_file
+    return EvalSet(name, "folder", root, names, source, "openai", index=index)
+
+
+def _objectnet(data_dir: str, fs, path: str, classnames_file: str, layout: str) -> EvalSet:
+    base = path.rstrip("/")
+    images = next((p for p in (base + "/objectnet-1.0/images", base + "/images")
+                   if fs.isdir(p)), base)
+    mapping_dirs = [base, base + "/objectnet-1.0/mappings", base + "/mappings"]
+    files = {}
+    for fname in ("folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json"):
+        found = next((d + "/" + fname for d in mapping_dirs if fs.isfile(d + "/" + fname)), None)
+        if found is None:
+            raise UtaUsageError(f"ObjectNet's mapping file {fname} is not in {data_dir}. "
+                                f"{layout}")
+        try:
+            with fs.open(found, "r") as f:
+                files[fname] = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UtaUsageError(f"Cannot read {found}: {e}") from None
+    folder_of = {label: folder for folder, label in
+                 files["folder_to_objectnet_label.json"].items()}
+    mapped = sorted(folder_of[label] for label in files["objectnet_to_imagenet_1k.json"]
+                    if label in folder_of)
+    root = fs.unstrip_protocol(images) if not _is_local(fs) else images
+    full = index_image_folder(root, "classes")
+    missing = [m for m in mapped if m not in full.classes]
+    if missing:
+        raise UtaUsageError(f"{root} lacks {len(missing)} ObjectNet folder(s) named in the "
+                            f"mapping (e.g. {missing[0]!r}). {layout}")
+    label_of = {folder: i for i, folder in enumerate(mapped)}
+    keep = [i for i, y in enumerate(full.labels) if full.classes[y] in label_of]
+    index = ImageFolderIndex(root=full.root, files=[full.files[i] for i in keep],
+                             labels=[label_of[full.classes[full.labels[i]]] for i in keep],
+                             classes=mapped)
+    names = [files["folder_to_objectnet_label.json"][f].lower() for f in mapped]
+    source = "ObjectNet labels of the ImageNet-mapped folders"
+    if classnames_file:
+        names = _apply_classnames_file(classnames_file, len(names), "objectnet")
+        source = classnames_file
+    return EvalSet("objectnet", "folder", root, names, source, "openai", index=index)
+
+
+def _wds_root(fs, path: str) -> bool:
+    """CLIP_benchmark's webdataset layout: classnames.txt beside split folders of shards."""
+    return fs.isfile(path.rstrip("/") + "/classnames.txt")
+
+
+def _clip_benchmark_wds(dataset: str, fs, path: str, split: str, classnames_file: str
+                        ) -> EvalSet:
+    base = path.rstrip("/")
+    url = dataset.rstrip("/")
+    split_dir = base + "/" + split
+    if not fs.isdir(split_dir):
+        splits = [os.path.basename(e.rstrip("/")) for e in fs.ls(base, detail=False)
+                  if fs.isdir(e)]
+        raise UtaUsageError(f"{dataset} (CLIP_benchmark's webdataset layout) has no split "
+                            f"'{split}'; it has: {', '.join(sorted(splits)) or 'none'}. Choose "
+                            f"one with --split.")
+    tars = [p for p in fs.ls(split_dir, detail=False) if p.endswith(TAR_SUFFIXES)]
+    if not tars:
+        raise UtaUsageError(f"{url}/{split} holds no tar shards.")
+
+    def shard_order(p: str):  # 0.tar, 1.tar, ..., 10.tar: numeric where the names are
+        stem = os.path.basename(p).split(".")[0]
+        return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+    shards = [f"{url}/{split}/{os.path.basename(p)}" for p in sorted(tars, key=shard_order)]
+    names_file = classnames_file or f"{url}/classnames.txt"
+    names = read_text_lines(names_file, "class names")
+    templates_file = base + "/zeroshot_classification_templates.txt"
+    templates = f"{url}/zeroshot_classification_templates.txt" if fs.isfile(templates_file) \
+        else "openai"
+    name = os.path.basename(url)
+    return EvalSet(name if split == "test" else f"{name}/{split}", "tar", url, names,
+                   names_file, templates, shards=shards)
+
+
 def _is_tar_spec(location: str) -> bool:
     s = location.rstrip("/")
     return s.endswith(TAR_SUFFIXES) or ("{" in s and "}" in s) or \
@@ -290,8 +438,10 @@ def _is_tar_spec(location: str) -> bool:
 
 
 def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
-                    task: str = "classification", meta: dict | None = None) -> EvalSet:
-    """Resolve --dataset (+ --data-dir, --classnames) into an EvalSet; bad input is exit 2."""
+                    task: str = "classification", meta: dict | None = None,
+                    split: str = "test") -> EvalSet:
+    """Resolve --dataset (+ --data-dir, --classnames, --split) into an EvalSet; bad input is
+    exit 2."""
     meta = meta or {}
     if not dataset:
         raise UtaUsageError("--dataset is empty. Give imagenet, demo, a class folder, tar shards "
@@ -300,6 +450,8 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
         return _retrieval_set(dataset, data_dir, meta)
     if dataset == "imagenet":
         return _imagenet(data_dir, classnames_file)
+    if dataset in IMAGENET_VARIANTS:
+        return _imagenet_variant(dataset, data_dir, classnames_file)
     if data_dir:
         raise UtaUsageError("--data-dir is for --dataset imagenet and for retrieval images. For "
                             "a class folder or tar shards, give the location as --dataset.")
@@ -313,6 +465,10 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
                 classnames_file
         return EvalSet("demo", "demo", "demo", names, source, "demo",
                        demo_images=split.images, demo_labels=split.labels)
+    if "{" not in dataset and not dataset.rstrip("/").endswith(TAR_SUFFIXES):
+        fs, path = _url_to_fs(dataset)
+        if fs.isdir(path) and _wds_root(fs, path):
+            return _clip_benchmark_wds(dataset, fs, path, split, classnames_file)
     if _is_tar_spec(dataset):
         shards = expand_shard_urls(dataset)
         if not classnames_file:
@@ -847,7 +1003,8 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{ckpt_dir} is a '{meta.get('task')}' checkpoint, not a UTA "
                             "student: uta zeroshot evaluates pre-training checkpoints.")
-    evalset = resolve_dataset(opts.dataset, opts.data_dir, opts.classnames, opts.task, meta)
+    evalset = resolve_dataset(opts.dataset, opts.data_dir, opts.classnames, opts.task, meta,
+                              opts.split)
     classification = opts.task == "classification"
     templates_name, templates = resolve_eval_templates(opts.templates, evalset) \
         if classification else ("", [])
@@ -871,6 +1028,11 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
         highlight=False)
     if evalset.classnames_note:
         say(f"[yellow]{escape(evalset.classnames_note)}[/yellow]", highlight=False)
+    if classification:
+        say(f"templates: {escape(templates_name)} ({len(templates)}), "
+            + ("given by --templates" if opts.templates else
+               "the dataset's own" if evalset.default_templates != "openai" else
+               "OpenAI's ImageNet set (the dataset brings none)"), highlight=False)
 
     cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir
     if not cache_dir and opts.cache_dir.lower() != "none":
@@ -1017,6 +1179,57 @@ def write_json(result: ZeroShotResult, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(result.report, f, indent=1)
     os.replace(tmp, path)
+
+
+def dataset_slug(name: str) -> str:
+    """A dataset's name for file names ({dataset}): a path's last part, no separators."""
+    name = name.rstrip("/")
+    if "/" in name and not name.startswith(("imagenet", "objectnet")):
+        name = name.rsplit("/", 1)[-1] or name
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_per_model_json(result: ZeroShotResult, pattern: str) -> list[str]:
+    """CLIP_benchmark's --output: one JSON per model, `{dataset}` and `{model}` filled in
+    ({model}: student or teacher)."""
+    r = result.report
+    slug = dataset_slug(r["dataset"])
+    per_model = {"student": {k: v for k, v in r.items() if k != "teacher_result"}}
+    if "teacher_result" in r:
+        per_model["teacher"] = {**r["teacher_result"],
+                                **{k: r[k] for k in ("precision", "device", "versions",
+                                                     "templates", "skipped_images")
+                                   if k in r}}
+    paths = []
+    for model, report in per_model.items():
+        path = pattern.replace("{dataset}", slug).replace("{model}", model)
+        _parent_dir(path)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        paths.append(path)
+    return paths
+
+
+def render_summary(results: list[ZeroShotResult], console: Console) -> None:
+    """Several datasets in one call: one row per dataset, top-1 (top-5) per model."""
+    classification = results[0].task == "classification"
+    table = Table(title="Zero-shot " + ("classification: top-1 (top-5)" if classification
+                                        else "retrieval: image / text R@1"))
+    table.add_column("dataset")
+    roles = ["student"] + (["teacher"] if "teacher_result" in results[0].report else [])
+    for role in roles:
+        table.add_column("UTA student" if role == "student" else "CLIP teacher", justify="right")
+    table.add_column("samples", justify="right")
+    for res in results:
+        r = res.report
+        cells = []
+        for role in roles:
+            e = r if role == "student" else r["teacher_result"]
+            cells.append(f"{e['acc1']:.4f} ({e['acc5']:.4f})" if classification else
+                         f"{e['image_retrieval_recall@1']:.4f} / "
+                         f"{e['text_retrieval_recall@1']:.4f}")
+        table.add_row(escape(r["dataset"]), *cells, str(r["num_samples"]))
+    console.print(table)
 
 
 def write_per_class_csv(result: ZeroShotResult, path: str) -> None:
