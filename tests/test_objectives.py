@@ -77,10 +77,13 @@ def test_each_objective_trains_two_steps_and_records_itself(runs, objective):
     assert meta["task"] == f"{objective}-alignment" and meta["step"] == 2
     steps = [r for r in records(runs[objective]) if "loss" in r and "step" in r]
     assert [r["step"] for r in steps] == [1, 2]
+    # train_s: the wall-clock axis of benchmarks/objectives.py, growing, validation excluded
+    assert 0 < steps[0]["train_s"] < steps[1]["train_s"]
     assert all(math.isfinite(r["loss"]) and 0 < r["loss"] < 2 for r in steps)
     val = [r for r in records(runs[objective]) if r.get("event") == "val"][-1]
     # the full-image alignment is reported for every objective; fd's own loss is that one
     assert 0 < val["val_full_loss"] < 2
+    assert steps[1]["train_s"] <= val["train_s"] < steps[1]["train_s"] + 0.5
     if objective == "fd":
         assert val["val_full_loss"] == val["val_loss"]
     state = load_file(os.path.join(folder, "model.safetensors"))

@@ -210,6 +210,9 @@ class Engine:
         self.best: dict | None = None  # {"metric", "value", "step"} of checkpoints/best
         self.eval_note = ""  # the latest evaluate_at result, appended to the progress line
         self.trackers = None  # train.report_to (tensorboard, wandb, ...), main process only
+        # Seconds spent in training steps (validation and checkpoint writing excluded), carried
+        # over a resume; logged as train_s: the wall-clock axis for comparing runs.
+        self.train_s = 0.0
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def log_metrics(self, record: dict) -> None:
@@ -227,6 +230,7 @@ class Engine:
             records = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
         ckpt.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.train_s = max([r["train_s"] for r in kept if "train_s" in r], default=0.0)
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
         self._stop_requested = True
@@ -454,6 +458,7 @@ class Engine:
                 torch.set_rng_state(cpu_rng)
                 exhausted = False
                 while step < total and step < (epoch + 1) * steps_per_epoch:
+                    t_step = time.perf_counter()
                     torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
                     for param_group in optimizer.param_groups:
                         param_group["lr"] = lr_at(step, total, warmup, cfg.lr, cfg.min_lr) * \
@@ -511,7 +516,8 @@ class Engine:
                                   "lr": optimizer.param_groups[0]["lr"], **means,
                                   "images_per_s": round(images / max(elapsed, 1e-9), 2),
                                   "data_wait_frac": round(data_wait / max(elapsed, 1e-9), 4),
-                                  "skipped_images": skipped}
+                                  "skipped_images": skipped,
+                                  "train_s": round(self.train_s + time.perf_counter() - t_step, 3)}
                         self.log_metrics(record)
                         progress.update(step, f"loss {means.get('loss', float('nan')):.4f}  "
                                         f"{_rate(record['images_per_s'])} img/s"
@@ -520,6 +526,7 @@ class Engine:
                         t_window = time.perf_counter()
                     else:
                         progress.update(step, "", log_line=False)
+                    self.train_s += time.perf_counter() - t_step
                     if cfg.val_every > 0 and step % cfg.val_every == 0 and step < total:
                         self._validate(task, model, step, steps_per_epoch, progress)
                     if step < total:
@@ -565,7 +572,8 @@ class Engine:
         result = evaluate(self.acc.unwrap_model(model), step, final)
         if result and self.acc.is_main_process:
             self.log_metrics({"event": getattr(task, "eval_event", "eval"), "step": step,
-                              "epoch": round(step / steps_per_epoch, 4), **result})
+                              "epoch": round(step / steps_per_epoch, 4),
+                              "train_s": round(self.train_s, 3), **result})
             shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
             self.eval_note = f"  {shown}"
             progress.print(f"{getattr(task, 'eval_event', 'eval')} at step {step}: {shown}")
@@ -580,7 +588,8 @@ class Engine:
         if self.acc.is_main_process:
             if result:
                 self.log_metrics({"event": "val", "step": step,
-                                  "epoch": round(step / steps_per_epoch, 4), **result})
+                                  "epoch": round(step / steps_per_epoch, 4),
+                                  "train_s": round(self.train_s, 3), **result})
                 progress.print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in
                                                          result.items()))
             metric = self.cfg.best_metric
