@@ -4,8 +4,10 @@ AdamW with a warm-up cosine schedule, metrics.jsonl, rich progress, atomic step-
 `--resume auto`, SIGTERM checkpointing and a non-finite loss guard.
 
 Data is sharded by the task's loaders themselves (per rank, by sample index), never through
-`accelerator.prepare`, and the schedule is driven here from the step count, so resuming at step s
-reproduces exactly what an uninterrupted run would have done from step s.
+`accelerator.prepare`, and the schedule is driven here from the step count; dropout and drop
+path are seeded per optimizer step from (seed, rank, step). So resuming at step s reproduces
+exactly what an uninterrupted run would have done from step s. A resume that would silently
+change the run (another recipe or launch) is refused unless allowed (resume_guard).
 """
 
 from __future__ import annotations
