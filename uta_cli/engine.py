@@ -347,9 +347,12 @@ class Engine:
             for name in os.listdir(self.run_dir):
                 if name.startswith("config.") and name.endswith(".yaml") and name != "config.yaml":
                     os.remove(os.path.join(self.run_dir, name))
-        name = f"config.{step}.yaml" if resumed else "config.yaml"
-        ckpt.atomic_write_text(os.path.join(self.run_dir, name),
-                               yaml.safe_dump(self.cfg.recipe, sort_keys=False))
+        text = yaml.safe_dump(self.cfg.recipe, sort_keys=False)
+        first = os.path.join(self.run_dir, "config.yaml")
+        if resumed:  # (a run started here from another directory's checkpoint has none yet)
+            ckpt.atomic_write_text(os.path.join(self.run_dir, f"config.{step}.yaml"), text)
+        if not resumed or not os.path.isfile(first):
+            ckpt.atomic_write_text(first, text)
 
     def fit(self, task: Task, resume: str = "auto", label: str = "train",
             allow_changes: Sequence[str] = ()) -> dict[str, Any]:
