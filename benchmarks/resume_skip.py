@@ -9,8 +9,9 @@ the teacher, reversed-block masks on the 14x14 grid), and times, in one run, how
 to get batch N of an epoch:
   - decode: read from the start of the epoch and throw away the first N batches (decoding,
     augmenting and masking every skipped image), which is what a resume did before;
-  - skip:   `Source.batches(epoch, skip=N)`, which counts tar records from the member headers,
-    passes over whole shards unopened and decodes nothing before the resume point.
+  - skip:   `Source.batches(epoch, skip=N)`, which counts the tar records each loader worker
+    used from the member headers, then starts the workers there: shards before the resume
+    point unopened, nothing decoded before it.
 Both return the same batch (checked). The target is skip >= 20x faster than decode.
 """
 

@@ -7,11 +7,11 @@ uninterrupted run would, ranks see disjoint samples, and the number of workers c
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
 import random
-import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -281,38 +281,106 @@ def _seed_of(*parts) -> int:
     return random.Random("/".join(map(str, parts))).getrandbits(63)
 
 
-def count_tar_records(shard: str) -> int:
-    """The number of samples TarShardDataset reads from `shard`, from the member headers alone
-    (nothing is extracted or decoded); a damaged shard counts up to where reading stops, as the
-    reader does."""
+def count_tar_records(tar, shard: str) -> int:
+    """The number of samples `tar` (a TarShardDataset) reads from `shard`, nothing decoded.
+
+    A plain tar is counted from its member headers alone, seeking past the data; a compressed,
+    damaged or unusual one (anything the header walk does not follow exactly) is counted by
+    `tar`'s own reader, so the count is always what training reads."""
     from uta_cli.datasets import _split_member, _url_to_fs
 
     fs, path = _url_to_fs(shard)
-    count, key, pending = 0, None, False
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                split = _split_member(member.name) if member.isfile() else None
-                if split is None:
-                    continue
-                if split[0] != key:
-                    count += pending
-                    key, pending = split[0], True
-    except FileNotFoundError:
-        raise UtaUsageError(f"Tar shard {shard!r} does not exist. Check the shard list or brace "
-                            f"range.") from None
-    except (tarfile.TarError, OSError, EOFError):
-        return count  # the reader drops the sample it was in the middle of
-    return count + pending
+        with fs.open(path, "rb") as f:
+            names = _tar_member_names(f)
+    except OSError:
+        names = None
+    if names is None:
+        return sum(1 for _ in tar._read_shard(shard))
+    count, key = 0, None
+    for name in names:
+        split = _split_member(name)
+        if split is not None and split[0] != key:
+            count, key = count + 1, split[0]
+    return count
+
+
+_REGULAR = (b"0", b"\0", b"7")  # what tarfile's isfile() accepts (sparse files excepted)
+
+
+def _tar_member_names(f) -> list[str] | None:
+    """Names of the regular files of an uncompressed ustar/pax/GNU tar, from the 512-byte
+    headers; None at anything else (compression, a bad checksum, truncation, sparse files)."""
+    names: list[str] = []
+    long_name: str | None = None
+    pax_size: int | None = None
+    while True:
+        block = f.read(512)
+        if len(block) < 512:
+            return None
+        if block.count(0) == 512:
+            return names
+        stored = block[148:156].split(b"\0", 1)[0].strip()
+        checksum = sum(block[:148]) + 8 * 32 + sum(block[156:])
+        try:
+            if int(stored or b"-1", 8) != checksum:
+                return None
+            size = pax_size if pax_size is not None else int(
+                block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:  # base-256 sizes and the like: let tarfile read it
+            return None
+        kind = block[156:157]
+        data_blocks = (size + 511) // 512 * 512
+        if kind in (b"L", b"x"):
+            data = f.read(data_blocks)[:size]
+            if len(data) < size:
+                return None
+            if kind == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                fields = _pax_fields(data)
+                if fields is None:
+                    return None
+                if "path" in fields:
+                    long_name = fields["path"]
+                pax_size = int(fields["size"]) if "size" in fields else None
+            continue
+        if kind not in _REGULAR + (b"1", b"2", b"3", b"4", b"5", b"6", b"g"):
+            return None
+        name = long_name
+        if name is None:  # as tarfile builds it: the ustar prefix, then the name
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        if kind in _REGULAR and not (kind == b"\0" and name.endswith("/")):  # (V7 directory)
+            names.append(name)
+        long_name, pax_size = None, None
+        f.seek(data_blocks, 1)
+
+
+def _pax_fields(data: bytes) -> dict[str, str] | None:
+    fields, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+        space = data.find(b" ", pos)
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            return None
+        record = data[space + 1:pos + length - 1]
+        k, _, v = record.partition(b"=")
+        fields[k.decode("utf-8", "replace")] = v.decode("utf-8", "surrogateescape")
+        pos += length
+    return fields
 
 
 def plan_tar_skip(worker_shards: list[list[str]], batch_size: int, skip: int,
-                  count=count_tar_records) -> tuple[list[int], list[list[int]], int, int]:
+                  count) -> tuple[list[int], list[list[int]], int, int]:
     """Where each DataLoader worker stands after the loader has yielded `skip` batches.
 
     A multi-worker loader over an iterable dataset takes batches from its workers in turn,
     passing over a worker once it has no full batch left (drop_last). Replaying that on record
-    counts (read from tar headers, without decoding) gives, per worker, the number of records
+    counts (`count(shard)`: read, not decoded) gives, per worker, the number of records
     its batches used. Returns (records used per worker, record counts of the shards counted per
     worker, batches replayed, the worker whose turn is next); fewer than `skip` batches replayed
     means this pass ends before `skip`.
@@ -424,7 +492,7 @@ class Source:
             if skip > 0:
                 used, counts, done, turn = plan_tar_skip(
                     [dataset.shards_for(w, workers) for w in range(workers)],
-                    self.batch_size, skip)
+                    self.batch_size, skip, functools.partial(count_tar_records, dataset))
                 if done < skip:  # this whole pass lies before the resume point
                     skip -= done
                     continue
