@@ -799,6 +799,13 @@ def test_clip_benchmark_webdataset_layout_and_several_datasets(setup, tmp_path):
 
     result = zs(*base, "--dataset", wds, "--split", "train")
     assert result.exit_code == 2 and "no split 'train'" in result.output
+    # a linear probe fits on the layout's train split by default
+    shutil.copytree(os.path.join(wds, "test"), os.path.join(wds, "train"))
+    result = zs(*base, "--dataset", wds, "--task", "linear-probe", "--probe-epochs", "2",
+                "--output-json", tmp_path / "lp.json")
+    assert result.exit_code == 0, result.output
+    lp = json.loads((tmp_path / "lp.json").read_text())
+    assert lp["train_dataset"] == "wds_toy/train" and lp["probe"]["num_train"] == 36
     result = zs(*base, "--dataset", wds, "--dataset", setup["data"], "--output-json", "x.json")
     assert result.exit_code == 2 and "{dataset}" in result.output
 
@@ -850,3 +857,38 @@ def test_imagenet_variants_have_the_reference_labels(tmp_path):
         ["alarm_clock", "backpack"]
     with pytest.raises(UtaUsageError, match="needs --data-dir"):
         resolve_dataset("imagenet-sketch")
+
+
+def test_linear_probe_cli_equals_the_probe_on_open_clip_features(setup, tmp_path):
+    out = tmp_path / "lp.json"
+    result = zs("--ckpt", setup["run"], "--dataset", setup["data"], "--train-dataset",
+                setup["data"], "--task", "linear-probe", "--teacher", "--precision", "fp32",
+                "--workers", "0", "--batch-size", "8", "--probe-epochs", "3",
+                "--probe-val-proportion", "0.25", "--seed", "1", "--output-json", out)
+    assert result.exit_code == 0, result.output
+    assert "Linear probe" in result.output
+    report = json.loads(out.read_text())
+    assert report["task"] == "linear_probe" and report["num_samples"] == 36
+
+    import torchvision
+
+    from uta_cli.linear_probe import ProbeConfig, linear_probe
+
+    clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + setup["clip"])
+    clip.eval()
+    folder = torchvision.datasets.ImageFolder(setup["data"], transform=preprocess)
+    feats, labels = [], []
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(folder, batch_size=8):
+            feats.append(clip.encode_image(x).float())
+            labels.append(y)
+    x, y = torch.cat(feats), torch.cat(labels)
+    want = linear_probe(x, y, x, y, 6, ProbeConfig(epochs=3, batch_size=8,
+                                                   val_proportion=0.25, seed=1))
+    got = report["teacher_result"]
+    for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall"):
+        assert got[k] == pytest.approx(want[k], abs=1e-12), k
+    assert got["probe"]["weight_decay"] == want["weight_decay"]
+
+    result = zs("--ckpt", setup["run"], "--dataset", setup["data"], "--task", "linear-probe")
+    assert result.exit_code == 2 and "--train-dataset" in " ".join(result.output.split())

@@ -90,7 +90,7 @@ if TYPE_CHECKING:
 
     from uta_cli.models.teacher import CLIPTeacher
 
-TASKS = ("classification", "retrieval")
+TASKS = ("classification", "retrieval", "linear-probe")
 PRECISIONS = ("auto", "bf16", "fp32")
 _CAPTION_FILES = ("captions.json", "captions.csv", "captions.tsv")
 _IMAGE_KEYS = ("image", "filename", "file_name", "file", "filepath", "image_path", "path")
@@ -134,6 +134,13 @@ class ZeroShotOptions:
     cache_dir: str = ""  # "" = <uta cache>/classifiers; "none" = never cache
     texts_per_batch: int = 1024
     split: str = "test"  # CLIP_benchmark's webdataset layout: the split folder to read
+    # linear-probe: the images the probe is fitted on ("" = the "train" split of a
+    # CLIP_benchmark webdataset), and its training settings (linear_probe.ProbeConfig)
+    train_dataset: str = ""
+    probe_epochs: int = 10
+    probe_lr: float = 0.1
+    probe_val_proportion: float = 0.2
+    seed: int = 0
     ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
     text_context: str = "trimmed"  # trimmed | full: zeroshot.TextEncoder
 
@@ -149,6 +156,10 @@ def check_options(opts: ZeroShotOptions) -> None:
     if opts.text_context not in TEXT_CONTEXTS:
         raise UtaUsageError(f"--text-context {opts.text_context!r} is not one of: "
                             f"{', '.join(TEXT_CONTEXTS)}.")
+    if opts.task == "linear-probe" and (opts.probe_epochs < 1 or opts.probe_lr <= 0 or
+                                        not 0 < opts.probe_val_proportion < 1):
+        raise UtaUsageError("--probe-epochs must be >= 1, --probe-lr > 0 and "
+                            "--probe-val-proportion in (0, 1).")
     if opts.task == "retrieval" and (opts.templates or opts.classnames):
         raise UtaUsageError("--templates and --classnames apply to --task classification; "
                             "retrieval scores the captions themselves.")
@@ -191,7 +202,7 @@ class EvalSet:
     """A resolved evaluation dataset: where the images are, and the class names or captions."""
 
     name: str
-    kind: str  # imagenet | folder | tar | demo | captions
+    kind: str  # imagenet | folder | tar | wds (CLIP_benchmark's layout) | demo | captions
     location: str
     classnames: list[str] = field(default_factory=list)
     classnames_source: str = ""
@@ -427,7 +438,7 @@ def _clip_benchmark_wds(dataset: str, fs, path: str, split: str, classnames_file
     templates = f"{url}/zeroshot_classification_templates.txt" if fs.isfile(templates_file) \
         else "openai"
     name = os.path.basename(url)
-    return EvalSet(name if split == "test" else f"{name}/{split}", "tar", url, names,
+    return EvalSet(name if split == "test" else f"{name}/{split}", "wds", url, names,
                    names_file, templates, shards=shards)
 
 
@@ -938,6 +949,74 @@ def retrieval_shard(loader, total: int | None, encoders: list[Encoder],
             "text_emb": {e.role: by_tower[id(e.text)] for e in encoders}}
 
 
+def _probe_train_set(opts: ZeroShotOptions, evalset: EvalSet, meta: dict) -> EvalSet:
+    """The images the probe is fitted on: --train-dataset, else a CLIP_benchmark webdataset's
+    train split."""
+    if opts.train_dataset:
+        train = resolve_dataset(opts.train_dataset, opts.data_dir, opts.classnames,
+                                "classification", meta, "train")
+    elif evalset.kind == "wds":
+        train = resolve_dataset(opts.dataset, "", opts.classnames, "classification", meta,
+                                "train")
+    else:
+        raise UtaUsageError("--task linear-probe needs images to fit the probe on: "
+                            "--train-dataset (a class folder or any --dataset form), or a "
+                            "CLIP_benchmark webdataset with a train split.")
+    if len(train.classnames) != len(evalset.classnames):
+        raise UtaUsageError(f"The train set has {len(train.classnames)} classes, the test set "
+                            f"{len(evalset.classnames)}; the probe needs the same classes.")
+    return train
+
+
+def embed_shard(loader, total: int | None, encoders: list[Encoder], device: torch.device,
+                console: Console, main: bool, label: str = "images") -> dict:
+    """Image embeddings of every encoder (role -> (N, D) on CPU) with sample ids and labels."""
+    ids, labels, embs = [], [], {e.role: [] for e in encoders}
+    skipped = 0
+    t0 = time.perf_counter()
+    with progress_bar(console, main, total, label) as advance, torch.inference_mode():
+        for batch in loader:
+            skipped += int(batch["num_skipped"])
+            if "sample_id" in batch:
+                for e in encoders:
+                    x = normalize(batch[e.view.name].to(device, non_blocking=True), e.view)
+                    embs[e.role].append(e.encode(x).float().cpu())
+                ids.append(batch["sample_id"].long())
+                labels.append(batch["label"].long())
+            advance(len(batch.get("sample_id", ())) + int(batch["num_skipped"]))
+    return {"error": None, "skipped": skipped, "seconds": time.perf_counter() - t0,
+            "ids": _cat_long(ids), "labels": _cat_long(labels),
+            "emb": {r: torch.cat(v) if v else torch.zeros(0, 1) for r, v in embs.items()}}
+
+
+def _merged_features(parts: list[dict], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    _, labels = merge_by_id([(p["ids"], p["labels"][:, None]) for p in parts])
+    _, emb = merge_by_id([(p["ids"], p["emb"][role]) for p in parts])
+    return emb, labels[:, 0] if len(labels) else labels
+
+
+def fit_probes(train_parts: list[dict], test_parts: list[dict], roles: list[str],
+               num_classes: int, opts: ZeroShotOptions, say) -> dict:
+    """role -> linear-probe metrics (linear_probe.py) on the merged features of every process;
+    each process fits the same probe from the same features, so all agree."""
+    from uta_cli.linear_probe import ProbeConfig, linear_probe
+
+    cfg = ProbeConfig(lr=opts.probe_lr, epochs=opts.probe_epochs, batch_size=opts.batch_size,
+                      val_proportion=opts.probe_val_proportion, seed=opts.seed)
+    out = {}
+    for role in roles:
+        train_x, train_y = _merged_features(train_parts, role)
+        test_x, test_y = _merged_features(test_parts, role)
+        for y, what in ((train_y, "train"), (test_y, "test")):
+            if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise UtaUsageError(f"A {what} image has no label in 0..{num_classes - 1} "
+                                    "(.cls of tar shards, or class folders).")
+        say(f"[dim]{role}: fitting the probe on {len(train_x)} images (weight decay search "
+            f"on {opts.probe_val_proportion:.0%} of them)[/dim]", highlight=False)
+        out[role] = linear_probe(train_x, train_y, test_x, test_y, num_classes, cfg)
+    return out
+
+
 def merge_classification(parts: list[dict], roles: list[str], num_classes: int) -> dict:
     """role -> metrics over the merged per-sample predictions of every process."""
     out = {}
@@ -1003,8 +1082,10 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{ckpt_dir} is a '{meta.get('task')}' checkpoint, not a UTA "
                             "student: uta zeroshot evaluates pre-training checkpoints.")
-    evalset = resolve_dataset(opts.dataset, opts.data_dir, opts.classnames, opts.task, meta,
-                              opts.split)
+    probe = opts.task == "linear-probe"
+    evalset = resolve_dataset(opts.dataset, opts.data_dir, opts.classnames,
+                              "classification" if probe else opts.task, meta, opts.split)
+    trainset = _probe_train_set(opts, evalset, meta) if probe else None
     classification = opts.task == "classification"
     templates_name, templates = resolve_eval_templates(opts.templates, evalset) \
         if classification else ("", [])
@@ -1022,7 +1103,8 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     say(f"[bold]uta zeroshot[/bold] {opts.task} on {escape(evalset.name)} "
         f"({n if n is not None else 'streamed'} images"
         + (f", {len(evalset.classnames)} classes, {len(templates)} templates" if classification
-           else f", {sum(len(c) for c in evalset.captions)} captions")
+           else f", {len(evalset.classnames)} classes, probe fitted on {trainset.name}"
+           if probe else f", {sum(len(c) for c in evalset.captions)} captions")
         + f") | {', '.join(roles)} | {precision} on {device.type}"
         + (f" x {state.num_processes} processes" if state.num_processes > 1 else ""),
         highlight=False)
@@ -1053,6 +1135,13 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
         payload = classify_shard(loader, total, encoders,
                                  {e.role: built[id(e.text)][0] for e in encoders}, device,
                                  console, main)
+    elif probe:
+        train_loader, train_total = shard_loader(trainset, transform, state.process_index,
+                                                 state.num_processes, opts.batch_size,
+                                                 opts.workers, pin=device.type == "cuda")
+        train_parts = gather_object([embed_shard(train_loader, train_total, encoders, device,
+                                                 console, main, "train images")])
+        payload = embed_shard(loader, total, encoders, device, console, main, "test images")
     else:
         payload = retrieval_shard(loader, total, encoders, evalset.captions, device,
                                   opts.texts_per_batch, console, main, opts.text_context)
@@ -1064,6 +1153,8 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     loop_seconds = max(p["seconds"] for p in parts)
     if classification:
         results = merge_classification(parts, roles, len(evalset.classnames))
+    elif probe:
+        results = fit_probes(train_parts, parts, roles, len(evalset.classnames), opts, say)
     else:
         results = merge_retrieval(parts, roles)
     num = results["student"]["num_samples"]
@@ -1072,12 +1163,15 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                             "as unreadable." if skipped else
                             f"{evalset.name} yielded no images (empty tar shards?).")
 
-    task_name = "zeroshot_classification" if classification else "zeroshot_retrieval"
+    task_name = "zeroshot_classification" if classification else \
+        "linear_probe" if probe else "zeroshot_retrieval"
     entries = {}
     for e in encoders:
         r = results[e.role]
         if classification:
             metrics = {k: r[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+        elif probe:
+            metrics = {k: r[k] for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")}
         else:
             metrics = {k: v for k, v in r.items() if "recall@" in k}
         entry = {"dataset": evalset.name, "model": e.model, "pretrained": e.pretrained,
@@ -1086,7 +1180,9 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                  "preprocess": {"size": e.view.size, "mean": list(e.view.mean),
                                 "std": list(e.view.std), "interpolation": e.view.interpolation,
                                 "resize_mode": e.view.resize_mode}}
-        if not classification:
+        if probe:
+            entry["probe"] = {k: v for k, v in r.items() if k not in metrics}
+        elif not classification:
             entry["num_texts"] = r["num_texts"]
         entries[e.role] = entry
     report = dict(entries["student"])
@@ -1111,6 +1207,8 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                           "templates": templates},
             "classifier": classifier_info,
         })
+    if probe:
+        report.update({"num_classes": len(evalset.classnames), "train_dataset": trainset.name})
     if opts.teacher:
         report["teacher_result"] = entries["teacher"]
     per_class = {}
@@ -1131,7 +1229,18 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
     if "teacher_result" in r:
         rows.append(("CLIP teacher", r["teacher_result"]))
     skipped = str(r["skipped_images"])
-    if result.task == "classification":
+    if result.task == "linear-probe":
+        table = Table(title=f"Linear probe on {escape(r['dataset'])} ({r['num_classes']} "
+                            f"classes, fitted on {escape(r['train_dataset'])})")
+        for col in ("model", "top-1", "top-5", "mean per-class recall", "weight decay",
+                    "samples"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for name, e in rows:
+            table.add_row(name, f"{e['lp_acc1']:.4f}", f"{e['lp_acc5']:.4f}",
+                          f"{e['lp_mean_per_class_recall']:.4f}",
+                          f"{e['probe']['weight_decay']:.2e}", str(e["num_samples"]))
+        console.print(table)
+    elif result.task == "classification":
         table = Table(title=f"Zero-shot classification on {escape(r['dataset'])} "
                             f"({r['num_classes']} classes, {r['templates']['count']} templates)")
         for col in ("model", "top-1", "top-5", "mean per-class recall", "samples", "skipped"):
@@ -1213,8 +1322,10 @@ def write_per_model_json(result: ZeroShotResult, pattern: str) -> list[str]:
 def render_summary(results: list[ZeroShotResult], console: Console) -> None:
     """Several datasets in one call: one row per dataset, top-1 (top-5) per model."""
     classification = results[0].task == "classification"
-    table = Table(title="Zero-shot " + ("classification: top-1 (top-5)" if classification
-                                        else "retrieval: image / text R@1"))
+    probe = results[0].task == "linear-probe"
+    table = Table(title="Linear probe: top-1 (top-5)" if probe else
+                  "Zero-shot " + ("classification: top-1 (top-5)" if classification
+                                  else "retrieval: image / text R@1"))
     table.add_column("dataset")
     roles = ["student"] + (["teacher"] if "teacher_result" in results[0].report else [])
     for role in roles:
@@ -1226,6 +1337,7 @@ def render_summary(results: list[ZeroShotResult], console: Console) -> None:
         for role in roles:
             e = r if role == "student" else r["teacher_result"]
             cells.append(f"{e['acc1']:.4f} ({e['acc5']:.4f})" if classification else
+                         f"{e['lp_acc1']:.4f} ({e['lp_acc5']:.4f})" if probe else
                          f"{e['image_retrieval_recall@1']:.4f} / "
                          f"{e['text_retrieval_recall@1']:.4f}")
         table.add_row(escape(r["dataset"]), *cells, str(r["num_samples"]))

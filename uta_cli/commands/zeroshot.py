@@ -10,7 +10,7 @@ from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_
 
 # The words these options take (the core checks them again: evaluation.TASKS, PRECISIONS).
 CkptFormat = Literal["auto", "uta", "uta-release"]
-Task = Literal["classification", "retrieval"]
+Task = Literal["classification", "retrieval", "linear-probe"]
 Precision = Literal["auto", "bf16", "fp32"]
 DATASETS = ("imagenet", "demo", "imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch",
             "objectnet")
@@ -52,7 +52,20 @@ def zeroshot(
                                   parser=word_or_path("--templates", TEMPLATES, allow_empty=True),
                                   metavar=metavar(TEMPLATES, "FILE"),
                                   autocompletion=lambda: list(TEMPLATES)),
-    task: Task = typer.Option("classification", "--task", help="classification or retrieval."),
+    task: Task = typer.Option("classification", "--task", help="classification, retrieval, "
+                              "or linear-probe (CLIP_benchmark's: a linear layer on the "
+                              "normalised embeddings, its L2 weight chosen on a validation "
+                              "part of the train images)."),
+    train_dataset: str = typer.Option("", "--train-dataset", help="linear-probe: the images "
+                                      "to fit on, any --dataset form (default: the train "
+                                      "split of a CLIP_benchmark webdataset)."),
+    probe_epochs: int = typer.Option(10, "--probe-epochs", help="linear-probe: epochs."),
+    probe_lr: float = typer.Option(0.1, "--probe-lr", help="linear-probe: AdamW learning "
+                                   "rate (cosine schedule)."),
+    probe_val_proportion: float = typer.Option(0.2, "--probe-val-proportion", help="linear-"
+                                               "probe: share of the train images held out to "
+                                               "choose the weight decay."),
+    seed: int = typer.Option(0, "--seed", help="linear-probe: seed of the split and training."),
     teacher: bool = typer.Option(False, "--teacher", help="Also evaluate the CLIP teacher on the "
                                  "same images, side by side."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the recorded "
@@ -115,7 +128,7 @@ def zeroshot(
     with cli_errors(f"lower --batch-size (now {batch_size})"):
         from uta_cli.errors import UtaUsageError
 
-        if per_class and task == "retrieval":
+        if per_class and task != "classification":
             raise UtaUsageError("--per-class applies to --task classification.")
         several = len(dataset) > 1
         for path, name in ((output_json, "--output-json"), (per_class, "--per-class")):
@@ -139,7 +152,9 @@ def zeroshot(
                 templates=templates, task=task, teacher=teacher, teacher_weights=teacher_weights,
                 batch_size=batch_size, workers=workers, precision=precision,
                 cache_dir=cache_dir, ckpt_format=ckpt_format, text_context=text_context,
-                split=split, output_json=output_json, per_class=per_class, output=output))
+                split=split, output_json=output_json, per_class=per_class, output=output,
+                train_dataset=train_dataset, probe_epochs=probe_epochs, probe_lr=probe_lr,
+                probe_val_proportion=probe_val_proportion, seed=seed))
         if several and finished[0].is_main:
             from uta_cli.evaluation import render_summary
 
