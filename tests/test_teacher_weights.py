@@ -169,3 +169,22 @@ def test_pretraining_against_the_native_file_equals_the_open_clip_file(eva, tmp_
     assert (layout_a, layout_b) == ("open_clip", "eva-clip")
     assert len(loss_a) >= 2 and loss_a == loss_b
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_native_eva02_e_file_round_trips(tmp_path):
+    """EVA02-E-14-plus (vitl14's teacher): fused qkv with q/v bias, plain fc1/fc2 MLP, post-norm,
+    no RoPE -- the other native EVA-CLIP block layout."""
+    name = register_shrunk_model("EVA02-E-14-plus", tmp_path / "configs")
+    torch.manual_seed(1)
+    clip = open_clip.create_model(name).eval()
+    native = to_eva_clip_native(clip)
+    assert file_layout(native) == "eva-clip"
+    assert {"visual.blocks.0.attn.qkv.weight", "visual.blocks.0.attn.q_bias",
+            "visual.blocks.0.mlp.fc1.weight"} <= set(native)
+    torch.save(native, tmp_path / "EVA02_CLIP_E_psz14_plus_s9B.pt")
+    teacher = load_teacher(name, str(tmp_path / "EVA02_CLIP_E_psz14_plus_s9B.pt"))
+    assert teacher.identity.weights_layout == "eva-clip"
+    got = teacher.clip.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in clip.state_dict().items())
+    with pytest.raises(UtaUsageError, match="native EVA-CLIP checkpoint .*mlp.fc1"):
+        release.read_state(str(tmp_path / "EVA02_CLIP_E_psz14_plus_s9B.pt"))
