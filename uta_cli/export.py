@@ -58,7 +58,8 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
 from uta_cli.models.open_clip_folder import TIMM_ARCH, capture_trunk_kwargs
 
-FORMATS = ("onnx", "torchscript", "pt2", "open-clip")
+FORMATS = ("onnx", "torchscript", "pt2", "open-clip", "hf-hub")
+CLIP_FORMATS = ("open-clip", "hf-hub")  # whole CLIP models: image tower + text tower
 KINDS = ("embedding", "tokens", "classifier")
 OUTPUT_NAMES = {"embedding": "embedding", "tokens": "tokens", "classifier": "logits"}
 INPUT_NAME = "images"
@@ -104,6 +105,13 @@ class ExportOptions:
     teacher_weights: str = ""
     ckpt_format: str = "auto"  # auto | uta | uta-release (a released uta_*.pt file)
     text_context: str = "trimmed"  # zeroshot.TextEncoder: trimmed | full
+    # hf-hub: the repository the folder is for, and what its model card reports
+    repo_id: str = ""
+    push_to_hub: bool = False
+    private: bool = False
+    zeroshot_json: list[str] = field(default_factory=list)  # `uta zeroshot --output-json` files
+    license: str = "other"
+    command: str = ""  # the command line for the model card (default: rebuilt from the options)
 
 
 @dataclass
@@ -259,10 +267,19 @@ def check_options(opts: ExportOptions) -> tuple[str, str, float]:
     """Everything that can be refused before a model is loaded; returns (format, kind, atol)."""
     fmt = _choice(opts.format, FORMATS, "--format")
     kind = _choice(opts.output_kind, KINDS, "--output-kind")
-    if fmt == "open-clip" and kind != "embedding":
+    if fmt in CLIP_FORMATS and kind != "embedding":
         raise UtaUsageError(
-            f"--format open-clip exports a CLIP model (encode_image / encode_text), not a "
+            f"--format {fmt} exports a CLIP model (encode_image / encode_text), not a "
             f"'{kind}' head. Drop --output-kind, or use --format onnx, torchscript or pt2.")
+    if fmt == "hf-hub":
+        from uta_cli import hub
+
+        hub.check_repo_id(opts.repo_id)
+        if opts.push_to_hub:
+            hub.check_push_possible()
+    elif opts.repo_id or opts.push_to_hub or opts.zeroshot_json:
+        raise UtaUsageError("--repo-id, --push-to-hub and --zeroshot-json apply to --format "
+                            "hf-hub only.")
     if kind != "classifier" and opts.classnames:
         raise UtaUsageError("--classnames is used only with --output-kind classifier.")
     _choice(opts.text_context, ("trimmed", "full"), "--text-context")
@@ -293,7 +310,7 @@ def check_options(opts: ExportOptions) -> tuple[str, str, float]:
 def metadata_path(fmt: str, output: str) -> str | None:
     """Where the JSON metadata goes: none for ONNX (metadata_props), inside an open_clip folder,
     beside the file for the others."""
-    return None if fmt in ("onnx", "open-clip") else output + ".json"
+    return None if fmt in ("onnx", *CLIP_FORMATS) else output + ".json"
 
 
 # -- metadata --------------------------------------------------------------------------------------
@@ -552,6 +569,21 @@ def export_open_clip(student: nn.Module, teacher, folder: str, metadata: dict) -
     return "open_clip timm tower"
 
 
+def export_hf_hub(student: nn.Module, teacher, folder: str, metadata: dict, meta: dict,
+                  opts: ExportOptions, zeroshot_rows: list[dict]) -> str:
+    """The Hugging Face repository layout (hub.py) for opts.repo_id, with its model card."""
+    from uta_cli import hub
+
+    oc_cfg = open_clip_config(teacher.identity.model_cfg, metadata, folder)
+    command = opts.command or (f"uta export --ckpt {opts.ckpt} --format hf-hub --output "
+                               f"{opts.output} --repo-id {opts.repo_id}")
+    card = hub.model_card(opts.repo_id, meta, metadata, teacher.identity.model, zeroshot_rows,
+                          command, opts.license)
+    hub.write_hub_folder(folder, opts.repo_id, student, teacher.clip, oc_cfg,
+                         timm_trunk_config(student, metadata), card)
+    return "huggingface hub layout (open_clip + timm)"
+
+
 def point_open_clip_at(folder: str, final: str) -> None:
     """Re-point vision_cfg.timm_model_name from the temp folder to the final one (absolute: timm
     resolves local-dir paths against the working directory)."""
@@ -655,7 +687,7 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     teacher = classifier = None
     if "bundled_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
         teacher = meta.pop("bundled_text")
-    elif kind == "classifier" or fmt == "open-clip":
+    elif kind == "classifier" or fmt in CLIP_FORMATS:
         from uta_cli.models.teacher import teacher_from_meta
 
         teacher = teacher_from_meta(meta, opts.teacher_weights or _local_teacher_dir(meta))
@@ -668,6 +700,11 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
                                       teacher.tokenizer, classnames, templates, "cpu")
     module = ExportModule(student, kind, classifier).eval()
     metadata = build_metadata(meta, fmt, kind, student, classnames, templates)
+    if fmt == "hf-hub":
+        from uta_cli import hub
+
+        zeroshot_rows = hub.zeroshot_rows(meta, opts.zeroshot_json)
+        metadata["repo_id"] = opts.repo_id
     size = metadata["input_size"][1]
     if fmt == "onnx":
         nbytes = sum(t.numel() * t.element_size() for t in
@@ -689,8 +726,11 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
                 exporter = export_torchscript(module, example, tmp)
             elif fmt == "pt2":
                 exporter = export_pt2(module, example, tmp)
-            else:
+            elif fmt == "open-clip":
                 exporter = export_open_clip(student, teacher, tmp, metadata)
+            else:
+                exporter = export_hf_hub(student, teacher, tmp, metadata, meta, opts,
+                                         zeroshot_rows)
         except (UtaUsageError, ExportFailed, KeyboardInterrupt):
             raise
         except Exception as e:
@@ -704,17 +744,27 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
                 if fmt == "open-clip":  # one load for the image and the text checks
                     oc_model, oc_tokenizer = load_open_clip(tmp)
                     run = _encode_image(oc_model)
+                elif fmt == "hf-hub":  # by name, through a Hugging Face cache, offline
+                    oc_model, oc_tokenizer, timm_model = hub.load_through_cache(tmp,
+                                                                                opts.repo_id)
+                    run = _encode_image(oc_model)
                 else:
                     run = load_runner(fmt, tmp)
             except Exception as e:
                 raise ExportFailed(f"The exported {fmt} artefact does not load back: "
                                    f"{type(e).__name__}: {e}") from e
             inputs = sample_inputs(size, metadata["mean"], metadata["std"])
-            ref_kind = "embedding" if fmt == "open-clip" else kind
-            checks = compare(run, lambda x: reference_outputs(student, ref_kind, classifier, x),
-                             inputs, atol, opts.min_cosine)
-            if fmt == "open-clip":
+            ref_kind = "embedding" if fmt in CLIP_FORMATS else kind
+            reference = lambda x: reference_outputs(student, ref_kind, classifier, x)  # noqa: E731
+            checks = compare(run, reference, inputs, atol, opts.min_cosine)
+            if fmt in CLIP_FORMATS:
                 checks += text_checks(oc_model, oc_tokenizer, teacher, opts.min_cosine)
+            if fmt == "hf-hub":  # timm alone: its forward is the (unnormalised) embedding
+                timm_checks = compare(lambda x: F.normalize(timm_model(x), dim=-1), reference,
+                                      inputs[:2], atol, opts.min_cosine)
+                for c in timm_checks:
+                    c.note = "timm.create_model"
+                checks += timm_checks
             for c in checks:
                 say(c.line())
             bad = [c for c in checks if not c.ok]
@@ -736,12 +786,22 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
                             note="timm_model_name holds this folder's absolute path; after "
                                  "moving the folder run: uta repoint FOLDER")
             _write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
+        if fmt == "hf-hub":
+            metadata.update(open_clip_model="hf-hub:" + opts.repo_id, relocatable=True)
+            _write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
         if side:
             _write_json(f"{tmp}.json", metadata)
         _commit(tmp, output)
         if side:
             os.replace(f"{tmp}.json", side)
     say(f"wrote {output}" + (f" and {side}" if side else ""))
-    if fmt == "open-clip":
+    if fmt in CLIP_FORMATS:
         side = os.path.join(output, OPEN_CLIP_METADATA)
+    if fmt == "hf-hub":
+        if opts.push_to_hub:
+            metadata["pushed_to"] = hub.push(output, opts.repo_id, opts.private, say)
+        else:
+            say(f"publish it with: huggingface-cli upload {opts.repo_id} {output} (or "
+                f"uta export ... --push-to-hub); load it with "
+                f'open_clip.create_model_and_transforms("hf-hub:{opts.repo_id}")')
     return ExportResult(output, fmt, kind, exporter, metadata, side, checks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Literal
 
 import typer
@@ -18,12 +19,31 @@ from uta_cli.errors import UtaUsageError
 
 # The words these options take (the core checks them again: export.FORMATS, KINDS).
 CkptFormat = Literal["auto", "uta", "uta-release"]
-Format = Literal["onnx", "torchscript", "pt2", "open-clip"]
+Format = Literal["onnx", "torchscript", "pt2", "open-clip", "hf-hub"]
 OutputKind = Literal["embedding", "tokens", "classifier"]
 TEMPLATES = ("openai", "simple")
 
 
+def invoked_command(ctx: typer.Context) -> str:
+    """The command line as given (options set on it, in declaration order): for the model card."""
+    parts = ["uta", ctx.info_name or "export"]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", "") != "COMMANDLINE" or param.name not in ctx.params:
+            continue
+        value, opt = ctx.params[param.name], max(param.opts, key=len)
+        if getattr(param, "is_flag", False) and not getattr(param, "count", False):
+            parts += [opt] if value else []
+        elif getattr(param, "multiple", False):
+            for v in value:
+                parts += [opt, str(v)]
+        else:
+            parts += [opt, str(value)]
+    return shlex.join(parts)
+
+
 def export(
+    ctx: typer.Context,
     ckpt: str = typer.Option(..., "--ckpt", help="A checkpoint folder (checkpoints/step_*), a "
                              "run directory (its newest checkpoint), or a released UTA file "
                              "(uta_base_p16_224.pt, ...)."),
@@ -32,7 +52,7 @@ def export(
                                            "checkpoint), uta or uta-release."),
     format_: Format = typer.Option(..., "--format", help="What to write."),
     output: str = typer.Option(..., "--output", help="The file to write (a folder for "
-                               "open-clip)."),
+                               "open-clip and hf-hub)."),
     output_kind: OutputKind = typer.Option("embedding", "--output-kind", help="embedding: the "
                                     "L2-normalised CLIP-space embedding; tokens: every token in "
                                     "the joint space; classifier: zero-shot logits (needs "
@@ -55,6 +75,19 @@ def export(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip loading the artefact back "
                                    "and comparing it with PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
+    repo_id: str = typer.Option("", "--repo-id", help="hf-hub: the Hugging Face repository "
+                                "ORG/NAME the folder is for (open_clip and timm load it as "
+                                "hf-hub:ORG/NAME)."),
+    push_to_hub: bool = typer.Option(False, "--push-to-hub", help="hf-hub: upload the folder "
+                                     "with huggingface_hub afterwards (needs the network and a "
+                                     "login)."),
+    private: bool = typer.Option(False, "--private", help="hf-hub: create the repository as "
+                                 "private when pushing."),
+    zeroshot_json: list[str] = typer.Option([], "--zeroshot-json", help="hf-hub: a `uta "
+                                            "zeroshot --output-json` report for the model "
+                                            "card (repeatable)."),
+    license_id: str = typer.Option("other", "--license", help="hf-hub: the model card's "
+                                   "license id (e.g. apache-2.0, mit, other)."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved (classifier, open-clip)."),
     text_context: str = typer.Option("trimmed", "--text-context", help="Class weights of "
@@ -67,6 +100,11 @@ def export(
     Verification runs random and image-like inputs at batch 1 and 3 through the reloaded artefact
     (onnxruntime, torch.jit.load, torch.export.load, open_clip) and prints the max absolute
     difference and cosine; beyond tolerance it exits 1 and writes nothing.
+
+    hf-hub writes a Hugging Face model repository (open_clip and timm configs and weights, a
+    model card) whose image tower is named hf-hub:ORG/NAME, so nothing names a local path; it is
+    verified by loading it by that name from a temporary Hugging Face cache, offline, in open_clip
+    and in timm.
 
     The open-clip folder loads with open_clip.create_model_and_transforms("local-dir:FOLDER"):
     the student is a timm image tower (described by FOLDER/timm_trunk/config.json, referenced by
@@ -81,6 +119,9 @@ def export(
           --classnames classes.txt --templates simple --output zeroshot.onnx
 
       uta export --ckpt runs/vitb16 --format open-clip --output exported/uta-b16
+
+      uta export --ckpt runs/vitb16 --format hf-hub --output hub/uta-b16 \\
+          --repo-id my-lab/uta-vitb16 --zeroshot-json in1k.json [--push-to-hub]
 
       uta export --ckpt runs/demo --format pt2 --output-kind tokens --output tokens.pt2
     """
@@ -97,7 +138,10 @@ def export(
                              classnames=classnames, templates=templates, opset=opset, atol=atol,
                              min_cosine=min_cosine, verify=not no_verify, force=force,
                              teacher_weights=teacher_weights, ckpt_format=ckpt_format,
-                             text_context=text_context)
+                             text_context=text_context, repo_id=repo_id,
+                             push_to_hub=push_to_hub, private=private,
+                             zeroshot_json=list(zeroshot_json), license=license_id,
+                             command=invoked_command(ctx))
         try:
             export_checkpoint(opts, say=typer.echo)
         except UtaUsageError as e:

@@ -142,17 +142,27 @@ def repoint(folder: str) -> list[str]:
             write_json(md_path, md)
             changes.append(f"{EXPORT_METADATA}: open_clip_model -> local-dir:{oc}")
     if converted:  # the converted checkpoint's teacher is its own open_clip/ folder
+        old_oc = os.path.dirname(name[len("local-dir:"):])
+        renames = {name: want, "local-dir:" + old_oc: "local-dir:" + oc}
         meta_path = os.path.join(folder, "meta.json")
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        teacher = meta.get("teacher") or {}
-        for key in ("model", "weights"):
-            if str(teacher.get(key, "")).startswith("local-dir:") and \
-                    teacher[key] != "local-dir:" + oc:
-                changes.append(f"meta.json: teacher.{key} {teacher[key]} -> local-dir:{oc}")
-                teacher[key] = "local-dir:" + oc
-        if changes and any(c.startswith("meta.json") for c in changes):
+        found: list[str] = []
+
+        def swap(node, where: str):
+            if isinstance(node, dict):
+                return {k: swap(v, f"{where}.{k}" if where else k) for k, v in node.items()}
+            if isinstance(node, list):
+                return [swap(v, where) for v in node]
+            if isinstance(node, str) and node in renames and renames[node] != node:
+                found.append(f"meta.json: {where} {node} -> {renames[node]}")
+                return renames[node]
+            return node
+
+        meta = swap(meta, "")
+        if found:
             write_json(meta_path, meta)
+            changes += found
     return changes
 
 

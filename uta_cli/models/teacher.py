@@ -417,6 +417,10 @@ def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
         else:
             weights = weights_override
     elif model.startswith("local-dir:") and not os.path.isdir(model[len("local-dir:"):]):
+        if meta.get("converted_from") and meta.get("checkpoint_dir"):  # `uta convert` output
+            raise UtaUsageError(f"The converted checkpoint {meta['checkpoint_dir']} was moved: "
+                                f"it still names its open_clip folder by the old path. Re-point "
+                                f"it once with: uta repoint {meta['checkpoint_dir']}")
         raise UtaUsageError(f"The checkpoint's teacher folder {model[len('local-dir:'):]} does "
                             f"not exist here. Pass --teacher-weights with its new location.")
     elif weights and not weights.startswith("local-dir:") and os.sep in weights and \
