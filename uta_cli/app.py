@@ -12,6 +12,7 @@ from uta_cli.commands import (
     export,
     finetune,
     inspect_mask,
+    plot,
     pretrain,
     recipes,
     repoint,
@@ -53,6 +54,7 @@ app.command("embed")(embed.embed)
 app.command("classify")(classify.classify)
 app.command("repoint")(repoint.repoint)
 app.command("recipes")(recipes.recipes)
+app.command("plot")(plot.plot)
 
 
 def main() -> None:
