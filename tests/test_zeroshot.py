@@ -857,6 +857,12 @@ def test_imagenet_variants_have_the_reference_labels(tmp_path):
         ["alarm_clock", "backpack"]
     with pytest.raises(UtaUsageError, match="needs --data-dir"):
         resolve_dataset("imagenet-sketch")
+    # Sketch: all 1000 wnids inside the archive's sketch/ folder, ImageNet-1k's labels
+    for w in wnids:
+        os.makedirs(tmp_path / "sk" / "sketch" / w)
+        (tmp_path / "sk" / "sketch" / w / "1.png").write_bytes(b"")  # indexed, never decoded
+    s = resolve_dataset("imagenet-sketch", str(tmp_path / "sk"))
+    assert s.classnames == list(IMAGENET_CLASSNAMES) and s.index.labels == list(range(1000))
 
 
 def test_linear_probe_cli_equals_the_probe_on_open_clip_features(setup, tmp_path):
