@@ -41,16 +41,23 @@ def cli(*args):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_clip_dir) -> str:
     """A real two-step pre-training run (Eva student, 40 px: its own size, not the teacher's)
-    with the demo zero-shot evaluation at the end (in metrics.jsonl, for the model card)."""
+    with the demo zero-shot evaluation at the end (in metrics.jsonl, for the model card).
+    In-process: a fresh interpreter would add its start-up to the suite."""
+    from accelerate.state import AcceleratorState
+    from rich.console import Console
+
+    from uta_cli.pretrain import run_pretrain
+    from uta_cli.recipe import load_recipe
+
     run_dir = tmp_path_factory.mktemp("hub_run") / "run"
-    cmd = [sys.executable, "-m", "uta_cli", "pretrain", "demo", "--output-dir", str(run_dir)]
-    for s in tiny_overrides(tiny_clip_dir, steps=2, **{"train.checkpoint_every": 2,
-                                                       "student.image_size": 40,
-                                                       "eval.zeroshot": "demo"}):
-        cmd += ["--set", s]
-    env = dict(os.environ, UTA_CACHE_DIR=str(run_dir.parent / "cache"), HF_HUB_OFFLINE="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    recipe = load_recipe("demo", tiny_overrides(tiny_clip_dir, steps=2, **{
+        "train.checkpoint_every": 2, "student.image_size": 40, "eval.zeroshot": "demo"}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        run_pretrain(recipe, output_dir=str(run_dir), resume="never",
+                     console=Console(quiet=True))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     return str(run_dir)
 
 

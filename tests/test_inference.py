@@ -13,10 +13,11 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_overrides, write_clip_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_release import TINY, make_state
-from test_zeroshot import CLASSES, setup  # noqa: F401  (the module-scoped run fixture)
+from test_zeroshot import CLASSES, TEMPLATES, write_varied_images
 from typer.testing import CliRunner
 
 from uta_cli.app import app
@@ -25,6 +26,32 @@ from uta_cli.models import release as R
 from uta_cli.models.student import student_from_checkpoint
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A real (short) pre-training run, in-process, whose student differs from its teacher in
+    size and normalisation (48 px, mean/std 0.5), plus a class folder and a templates file."""
+    from accelerate.state import AcceleratorState
+    from rich.console import Console
+
+    from uta_cli.pretrain import run_pretrain
+    from uta_cli.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("infer")
+    clip_dir = write_clip_folder(root / "clip", seed=2)
+    recipe = load_recipe("demo", tiny_overrides(clip_dir, steps=3, **{
+        "student.image_size": 48, "data.mean": "[0.5,0.5,0.5]", "data.std": "[0.5,0.5,0.5]"}))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        run_pretrain(recipe, output_dir=str(root / "run"), resume="never",
+                     console=Console(quiet=True))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    write_varied_images(root / "images", 6)
+    (root / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    return {"run": str(root / "run"), "data": str(root / "images"),
+            "templates": str(root / "templates.txt")}
 
 
 def flat(result) -> str:
@@ -72,7 +99,7 @@ def reference_embeddings(student, meta, paths) -> torch.Tensor:
         return F.normalize(student.encode_image(x), dim=-1)
 
 
-def test_embed_matches_encode_image_in_both_formats(setup, tmp_path):  # noqa: F811
+def test_embed_matches_encode_image_in_both_formats(setup, tmp_path):
     paths = odd_images(tmp_path / "imgs")
     out = tmp_path / "emb.safetensors"
     # files in a chosen order, batch 3 over 4 images: the order and the batching must hold
@@ -102,7 +129,7 @@ def test_embed_matches_encode_image_in_both_formats(setup, tmp_path):  # noqa: F
     assert np.abs(arr - reference_embeddings(student, meta, paths).numpy()).max() < 1e-5
 
 
-def test_classify_names_the_right_class_as_often_as_zeroshot(setup, tmp_path):  # noqa: F811
+def test_classify_names_the_right_class_as_often_as_zeroshot(setup, tmp_path):
     csv_path = tmp_path / "pc.csv"
     zs = cli("zeroshot", "--ckpt", setup["run"], "--dataset", setup["data"], "--templates",
              setup["templates"], "--precision", "fp32", "--per-class", csv_path, "--workers", 0)
@@ -143,7 +170,7 @@ def test_classify_names_the_right_class_as_often_as_zeroshot(setup, tmp_path):  
     assert lines[0].endswith("000.png") and len(lines) == 3 and "%" in lines[1]
 
 
-def test_open_clip_folder_and_release_file_are_accepted(setup, tmp_path):  # noqa: F811
+def test_open_clip_folder_and_release_file_are_accepted(setup, tmp_path):
     paths = odd_images(tmp_path / "imgs", sizes=((45, 33), (30, 50)))
     oc = tmp_path / "oc"
     result = cli("export", "--ckpt", setup["run"], "--format", "open-clip", "--output", oc)
@@ -196,7 +223,7 @@ def test_open_clip_folder_and_release_file_are_accepted(setup, tmp_path):  # noq
     assert sum(probs) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_bad_input_is_exit_2_with_the_problem_named(setup, tmp_path):  # noqa: F811
+def test_bad_input_is_exit_2_with_the_problem_named(setup, tmp_path):
     img = odd_images(tmp_path / "imgs", sizes=((20, 30),))[0]
     run = setup["run"]
     cases = [
