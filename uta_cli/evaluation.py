@@ -1283,11 +1283,11 @@ def _parent_dir(path: str) -> None:
 
 
 def write_json(result: ZeroShotResult, path: str) -> None:
-    _parent_dir(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    """A local path or an fsspec URL (memory://, s3://, ...), written whole or not at all."""
+    from uta_cli.outputs import open_output
+
+    with open_output(path) as f:
         json.dump(result.report, f, indent=1)
-    os.replace(tmp, path)
 
 
 def dataset_slug(name: str) -> str:
@@ -1312,8 +1312,9 @@ def write_per_model_json(result: ZeroShotResult, pattern: str) -> list[str]:
     paths = []
     for model, report in per_model.items():
         path = pattern.replace("{dataset}", slug).replace("{model}", model)
-        _parent_dir(path)
-        with open(path, "w") as f:
+        from uta_cli.outputs import open_output
+
+        with open_output(path) as f:
             json.dump(report, f, indent=1)
         paths.append(path)
     return paths
@@ -1349,9 +1350,10 @@ def write_per_class_csv(result: ZeroShotResult, path: str) -> None:
     and <role>_top5_correct per model. Recall is empty for a class without samples."""
     if result.task != "classification":
         raise UtaUsageError("--per-class applies to --task classification.")
-    _parent_dir(path)
+    from uta_cli.outputs import open_output
+
     roles = list(result.per_class)
-    with open(path, "w", newline="") as f:
+    with open_output(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class_index", "classname", "num_samples",
                     *[f"{r}_{c}" for r in roles for c in ("top1_correct", "recall",

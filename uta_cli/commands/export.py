@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import shutil
+import tempfile
 from typing import Literal
 
 import typer
@@ -143,7 +147,8 @@ def export(
                              zeroshot_json=list(zeroshot_json), license=license_id,
                              command=invoked_command(ctx))
         try:
-            export_checkpoint(opts, say=typer.echo)
+            with _remote_output(opts, format_, force):
+                export_checkpoint(opts, say=typer.echo)
         except UtaUsageError as e:
             # As cli_errors, but escaped: the message names the extra "uta[onnx]", which rich
             # would otherwise swallow as a markup tag.
@@ -153,3 +158,36 @@ def export(
             err_console.print(f"[bold red]export failed:[/bold red] {escape(str(e))}",
                               highlight=False)
             raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def _remote_output(opts, format_: str, force: bool):
+    """--output as an fsspec URL: export and verify in a local temporary folder, then upload the
+    artefact (and its .json metadata); nothing reaches the URL unless verification passed.
+    file:// URLs are local paths."""
+    from uta_cli.outputs import is_remote, local_path, upload
+
+    url = opts.output
+    opts.output = local_path(url)
+    if not is_remote(url):
+        yield
+        return
+    if format_ in ("open-clip", "hf-hub"):
+        raise UtaUsageError(f"--format {format_} writes a folder for local use; export it to a "
+                            f"local --output, then copy it (e.g. with fsspec or the hub).")
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(url)
+    if fs.exists(target) and not force:
+        raise UtaUsageError(f"{url} exists. Pass --force to replace it, or another --output.")
+    staging = tempfile.mkdtemp(prefix="uta-export-")
+    try:
+        opts.output = os.path.join(staging, url.rstrip("/").rsplit("/", 1)[-1])
+        yield
+        side = opts.output + ".json"
+        upload(opts.output, url)  # the artefact first, its metadata after
+        if os.path.isfile(side):
+            upload(side, url + ".json")
+        typer.echo(f"uploaded to {url}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
