@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from uta_cli import io
 from uta_cli.errors import UtaUsageError
 
 LATEST = "latest"
@@ -33,15 +34,6 @@ log = logging.getLogger(__name__)
 
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -80,10 +72,8 @@ def write_weights(folder: str, state_dict: dict[str, torch.Tensor]) -> None:
 def commit(ckpt_root: str, tmp: str, step: int, keep: int) -> str:
     """Rename the finished folder into place, move `latest`, prune old checkpoints."""
     final = os.path.join(ckpt_root, step_dirname(step))
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(os.path.join(ckpt_root, LATEST), step_dirname(step) + "\n")
+    io.replace(tmp, final)
+    io.atomic_write_text(os.path.join(ckpt_root, LATEST), step_dirname(step) + "\n")
     log.info("checkpoint written: %s", final)
     if keep > 0:
         done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))

@@ -287,9 +287,10 @@ def count_tar_records(tar, shard: str) -> int:
     A plain tar is counted from its member headers alone, seeking past the data; a compressed,
     damaged or unusual one (anything the header walk does not follow exactly) is counted by
     `tar`'s own reader, so the count is always what training reads."""
-    from uta_cli.datasets import _split_member, _url_to_fs
+    from uta_cli.datasets import _split_member
+    from uta_cli.io import url_to_fs
 
-    fs, path = _url_to_fs(shard)
+    fs, path = url_to_fs(shard)
     try:
         with fs.open(path, "rb") as f:
             names = _tar_member_names(f)

@@ -26,6 +26,7 @@ import torch.utils.data
 from PIL import Image
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import is_local, url_to_fs
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -66,31 +67,10 @@ _IGNORED_NAMES = ("__MACOSX",)
 # fsspec helpers
 
 
-def _url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's url_to_fs, with a missing backend or unknown protocol turned into usage errors."""
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        raise UtaUsageError(
-            f"Reading {url!r} needs an fsspec backend that is not installed ({e}). Install it, "
-            "for example `pip install 'uta[s3]'` for s3:// or `pip install 'uta[gcs]'` for gs://."
-        ) from None
-    except ValueError as e:
-        raise UtaUsageError(
-            f"Cannot read {url!r}: {e}. Use a local path or an fsspec URL such as "
-            "s3://bucket/prefix, gs://bucket/prefix or memory://path."
-        ) from None
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 def _to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     # Local files stay plain absolute paths (readable by anything); other filesystems get their
     # protocol back so each entry can be opened on its own.
-    if _is_local(fs):
+    if is_local(fs):
         return os.path.normpath(path)
     return fs.unstrip_protocol(path)
 
@@ -131,9 +111,9 @@ def index_image_folder(url: str, layout: str = "auto") -> ImageFolderIndex:
         raise UtaUsageError(
             f"Unknown image folder layout {layout!r}. Use one of: auto, classes, flat."
         )
-    fs, path = _url_to_fs(url)
+    fs, path = url_to_fs(url)
     path = path.rstrip("/") or "/"
-    if _is_local(fs):
+    if is_local(fs):
         path = os.path.normpath(path)
     try:
         info = fs.info(path)
@@ -329,7 +309,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _filesystem(self) -> fsspec.AbstractFileSystem:
         if self._fs is None or self._fs_pid != os.getpid():
-            self._fs, _ = _url_to_fs(self.index.root)
+            self._fs, _ = url_to_fs(self.index.root)
             self._fs_pid = os.getpid()
         return self._fs
 
@@ -421,8 +401,8 @@ def expand_shard_urls(urls: str | list[str]) -> list[str]:
     missing: list[str] = []
     for spec in specs:
         for url in expand_braces(str(spec)):
-            fs, path = _url_to_fs(url)
-            local = _is_local(fs)
+            fs, path = url_to_fs(url)
+            local = is_local(fs)
             if _GLOB_MAGIC.search(path):
                 found = sorted(p for p in fs.glob(path) if p.endswith(TAR_SUFFIXES))
                 if not found:
@@ -570,7 +550,7 @@ class TarShardDataset(torch.utils.data.IterableDataset):
             yield from self._read_shard(shard)
 
     def _read_shard(self, shard: str) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-        fs, path = _url_to_fs(shard)  # fsspec's instance cache is per process, so fork-safe
+        fs, path = url_to_fs(shard)  # fsspec's instance cache is per process, so fork-safe
         key: str | None = None
         fields: dict[str, bytes] = {}
         try:

@@ -31,6 +31,7 @@ from uta_cli.data import (
 )
 from uta_cli.demo_data import CLASSNAMES, IMAGE_SIZE, TEMPLATES, DemoSplit, demo_splits
 from uta_cli.engine import Engine, EngineConfig
+from uta_cli.io import cache_root, replace
 from uta_cli.recipe import DemoConfig
 from uta_cli.tasks.contrastive import ContrastiveTask
 from uta_cli.zeroshot import build_classifier, evaluate
@@ -50,13 +51,6 @@ TEACHER_PREPROCESS = {"size": IMAGE_SIZE, "mean": list(open_clip.OPENAI_DATASET_
                       "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
 _CACHE_VERSION = 1
-
-
-def cache_root() -> str:
-    root = os.environ.get("UTA_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uta")
-    os.makedirs(root, exist_ok=True)
-    return root
 
 
 def teacher_view() -> View:
@@ -137,9 +131,7 @@ def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) ->
         with open(os.path.join(tmp, "demo_teacher.json"), "w") as f:
             json.dump({"steps": result["step"], "heldout": result["val"],
                        "demo": dataclasses.asdict(cfg)}, f, indent=1)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace(tmp, final)
         shutil.rmtree(build_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -80,7 +80,8 @@ def describe_teacher(recipe: Recipe) -> tuple[str, int | None]:
     """(what and where the teacher is, its embedding size when known without loading it)."""
     model, weights = recipe.teacher.model, recipe.teacher.weights
     if weights == "demo":
-        from uta_cli.demo import _cache_key, cache_root
+        from uta_cli.demo import _cache_key
+        from uta_cli.io import cache_root
 
         folder = os.path.join(cache_root(), f"demo-teacher-{_cache_key(recipe.demo)}")
         state = f"cached in {folder}" if os.path.isdir(folder) else \

@@ -49,6 +49,7 @@ from uta_cli.errors import (
     UtaUsageError,
     is_out_of_memory,
 )
+from uta_cli.io import atomic_write_text, replace
 from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class Engine:
         with open(self.metrics_path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         kept = [r for r in records if r.get("step", 0) <= step and r.get("event") != "end"]
-        ckpt.atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         self.train_s = max([r["train_s"] for r in kept if "train_s" in r], default=0.0)
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
@@ -298,12 +299,7 @@ class Engine:
         self._write_meta_and_extra(task, tmp, step, epoch, best=self.best)
         # Directories cannot be replaced in one rename: move the old one aside first, so that
         # some complete best checkpoint exists at every moment (_load_best reads either).
-        old = self.best_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.isdir(self.best_dir):
-            os.replace(self.best_dir, old)
-        os.replace(tmp, self.best_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace(tmp, self.best_dir, aside=self.best_dir + ".old")
         self.log_metrics({"event": "best", "step": step, "epoch": epoch,
                           self.cfg.best_metric: value})
 
@@ -350,9 +346,9 @@ class Engine:
         text = yaml.safe_dump(self.cfg.recipe, sort_keys=False)
         first = os.path.join(self.run_dir, "config.yaml")
         if resumed:  # (a run started here from another directory's checkpoint has none yet)
-            ckpt.atomic_write_text(os.path.join(self.run_dir, f"config.{step}.yaml"), text)
+            atomic_write_text(os.path.join(self.run_dir, f"config.{step}.yaml"), text)
         if not resumed or not os.path.isfile(first):
-            ckpt.atomic_write_text(first, text)
+            atomic_write_text(first, text)
 
     def fit(self, task: Task, resume: str = "auto", label: str = "train",
             allow_changes: Sequence[str] = ()) -> dict[str, Any]:

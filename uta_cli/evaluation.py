@@ -64,6 +64,7 @@ from uta_cli.datasets import (
     match_classnames,
 )
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import cache_root, is_local, url_to_fs
 from uta_cli.zeroshot import (
     RECALL_KS,
     TEXT_CONTEXTS,
@@ -228,19 +229,6 @@ class EvalSet:
         return ArrayImageDataset(self.demo_images, self.demo_labels, transform)
 
 
-def _url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise UtaUsageError(f"Cannot open {url!r}: {e}. Use a local path or an fsspec URL "
-                            "(s3:// needs `pip install 'uta[s3]'`).") from None
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
 def _apply_classnames_file(path: str, count: int, what: str) -> list[str]:
     names = read_text_lines(path, "class names")
     if len(names) != count:
@@ -271,7 +259,7 @@ def _imagenet(data_dir: str, classnames_file: str) -> EvalSet:
     if not data_dir:
         raise UtaUsageError("--dataset imagenet needs --data-dir: the ImageNet folder that holds "
                             "val/<wnid>/*.JPEG, or the val folder itself.")
-    fs, path = _url_to_fs(data_dir)
+    fs, path = url_to_fs(data_dir)
     root = data_dir.rstrip("/") + "/val" if fs.isdir(path.rstrip("/") + "/val") else data_dir
     index = index_image_folder(root, "classes")
     wnids = ImageNetInfo("imagenet-1k").label_names()  # the 1000 synsets, sorted
@@ -327,7 +315,7 @@ def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet
     layout = f"--dataset {name} expects --data-dir with {_VARIANT_LAYOUTS[name]}."
     if not data_dir:
         raise UtaUsageError(f"--dataset {name} needs --data-dir. {layout}")
-    fs, path = _url_to_fs(data_dir)
+    fs, path = url_to_fs(data_dir)
     if not fs.isdir(path):
         raise UtaUsageError(f"--data-dir {data_dir} is not a folder. {layout}")
     wnids = ImageNetInfo("imagenet-1k").label_names()
@@ -337,7 +325,7 @@ def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet
         return _objectnet(data_dir, fs, path, classnames_file, layout)
     if name == "imagenet-v2":
         path = _single_subfolder(fs, path, str.isdigit)
-        root = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        root = fs.unstrip_protocol(path) if not is_local(fs) else path
         index = index_image_folder(root, "classes")
         bad = [c for c in index.classes if not c.isdigit() or int(c) >= 1000]
         if bad:
@@ -351,7 +339,7 @@ def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet
     else:
         if name == "imagenet-sketch":
             path = _single_subfolder(fs, path, lambda n: n in wnid_index)
-        root = fs.unstrip_protocol(path) if not _is_local(fs) else path
+        root = fs.unstrip_protocol(path) if not is_local(fs) else path
         index = index_image_folder(root, "classes")
         unknown = [c for c in index.classes if c not in wnid_index]
         if unknown:
@@ -388,7 +376,7 @@ def _objectnet(data_dir: str, fs, path: str, classnames_file: str, layout: str) 
                  files["folder_to_objectnet_label.json"].items()}
     mapped = sorted(folder_of[label] for label in files["objectnet_to_imagenet_1k.json"]
                     if label in folder_of)
-    root = fs.unstrip_protocol(images) if not _is_local(fs) else images
+    root = fs.unstrip_protocol(images) if not is_local(fs) else images
     full = index_image_folder(root, "classes")
     missing = [m for m in mapped if m not in full.classes]
     if missing:
@@ -477,7 +465,7 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
         return EvalSet("demo", "demo", "demo", names, source, "demo",
                        demo_images=split.images, demo_labels=split.labels)
     if "{" not in dataset and not dataset.rstrip("/").endswith(TAR_SUFFIXES):
-        fs, path = _url_to_fs(dataset)
+        fs, path = url_to_fs(dataset)
         if fs.isdir(path) and _wds_root(fs, path):
             return _clip_benchmark_wds(dataset, fs, path, split, classnames_file)
     if _is_tar_spec(dataset):
@@ -592,8 +580,8 @@ def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
                        demo_images=split.images,
                        demo_labels=torch.arange(len(split.images)).numpy(),
                        captions=[[c] for c in split.captions])
-    fs, path = _url_to_fs(dataset)
-    local = _is_local(fs)
+    fs, path = url_to_fs(dataset)
+    local = is_local(fs)
     if fs.isdir(path):
         found = [n for n in _CAPTION_FILES if fs.isfile(path.rstrip("/") + "/" + n)]
         if not found:
@@ -613,8 +601,8 @@ def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
         text = f.read()
     fmt = captions_url.lower().rsplit(".", 1)[-1]
     pairs = parse_captions(text, fmt, captions_url)
-    root_fs, root_path = _url_to_fs(image_root)
-    if _is_local(root_fs):
+    root_fs, root_path = url_to_fs(image_root)
+    if is_local(root_fs):
         root = os.path.normpath(root_path)
         files = [os.path.normpath(os.path.join(root, img)) for img, _ in pairs]
         missing = [f for f in files if not os.path.isfile(f)]
@@ -1118,7 +1106,6 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
 
     cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir
     if not cache_dir and opts.cache_dir.lower() != "none":
-        from uta_cli.demo import cache_root
 
         cache_dir = os.path.join(cache_root(), "classifiers")
     loader, total = shard_loader(evalset, transform, state.process_index, state.num_processes,
@@ -1406,7 +1393,6 @@ class TrainingZeroShot:
 
     @classmethod
     def from_recipe(cls, recipe, student_view: View) -> TrainingZeroShot:
-        from uta_cli.demo import cache_root
         from uta_cli.recipe import recipe_to_dict
 
         e = recipe.eval

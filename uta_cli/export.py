@@ -43,7 +43,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from torch import nn
 
 from uta_cli import __version__
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import atomic_write_json, remove, replace
 from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
 from uta_cli.models.open_clip_folder import TIMM_ARCH, capture_trunk_kwargs
 
@@ -368,24 +368,6 @@ def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
 
 
 # -- staging: nothing half-written at the output path ----------------------------------------------
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _commit(tmp: str, final: str) -> None:
-    """Move a finished temp file or folder into place; an old one (--force) goes only after."""
-    if os.path.lexists(final):
-        old = f"{tmp}.old"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _remove(old)
-    else:
-        os.replace(tmp, final)
-
-
 @contextlib.contextmanager
 def staged(final: str) -> Iterator[str]:
     """A temp path beside `final` (same filesystem, so the rename is atomic), removed on any
@@ -397,24 +379,13 @@ def staged(final: str) -> Iterator[str]:
         raise UtaUsageError(f"Cannot create the output folder {parent}: {e}") from None
     # The name keeps its suffix last: torch.export.load and onnxruntime look at it.
     tmp = os.path.join(parent, f".partial-{os.getpid()}-{name}")
-    _remove(tmp)
+    remove(tmp)
     try:
         yield tmp
     finally:
         # After a commit nothing is left under these names; after a failure this is the cleanup.
         for leftover in (tmp, f"{tmp}.json", f"{tmp}.old"):
-            _remove(leftover)
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
+            remove(leftover)
 
 
 @contextlib.contextmanager
@@ -482,7 +453,7 @@ def export_onnx(module: ExportModule, example: torch.Tensor, path: str, metadata
                                        f"{type(e2).__name__}: {e2}") from e2
                 exporter = "legacy"
     finally:
-        _remove(scratch)
+        remove(scratch)
     opsets = {o.domain: o.version for o in proto.opset_import}
     props = dict(metadata, exporter=exporter, opset=opsets.get("", opsets.get("ai.onnx")))
     onnx.helper.set_model_props(
@@ -561,8 +532,8 @@ def export_open_clip(student: nn.Module, teacher, folder: str, metadata: dict) -
     os.makedirs(folder)
     trunk_dir = os.path.join(folder, "timm_trunk")
     os.makedirs(trunk_dir)
-    _write_json(os.path.join(trunk_dir, "config.json"), timm_trunk_config(student, metadata))
-    _write_json(os.path.join(folder, "open_clip_config.json"),
+    atomic_write_json(os.path.join(trunk_dir, "config.json"), timm_trunk_config(student, metadata))
+    atomic_write_json(os.path.join(folder, "open_clip_config.json"),
                 open_clip_config(teacher.identity.model_cfg, metadata, trunk_dir))
     save_file(open_clip_state_dict(student, teacher.clip),
               os.path.join(folder, "open_clip_model.safetensors"))
@@ -592,7 +563,7 @@ def point_open_clip_at(folder: str, final: str) -> None:
         cfg = json.load(f)
     cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = \
         "local-dir:" + os.path.join(os.path.abspath(final), "timm_trunk")
-    _write_json(path, cfg)
+    atomic_write_json(path, cfg)
 
 
 def load_runner(fmt: str, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -785,15 +756,15 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
             metadata.update(open_clip_model="local-dir:" + output, relocatable=False,
                             note="timm_model_name holds this folder's absolute path; after "
                                  "moving the folder run: uta repoint FOLDER")
-            _write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
+            atomic_write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
         if fmt == "hf-hub":
             metadata.update(open_clip_model="hf-hub:" + opts.repo_id, relocatable=True)
-            _write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
+            atomic_write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
         if side:
-            _write_json(f"{tmp}.json", metadata)
-        _commit(tmp, output)
+            atomic_write_json(f"{tmp}.json", metadata)
+        replace(tmp, output)  # an old one (--force) goes only after
         if side:
-            os.replace(f"{tmp}.json", side)
+            replace(f"{tmp}.json", side)
     say(f"wrote {output}" + (f" and {side}" if side else ""))
     if fmt in CLIP_FORMATS:
         side = os.path.join(output, OPEN_CLIP_METADATA)

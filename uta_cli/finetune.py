@@ -39,12 +39,13 @@ from uta_cli.data import (
     open_dataset,
 )
 from uta_cli.datasets import ImageFolderDataset, ImageFolderIndex, match_classnames
-from uta_cli.demo import cache_root, ensure_demo_teacher
+from uta_cli.demo import ensure_demo_teacher
 from uta_cli.demo_data import CLASSNAMES as DEMO_CLASSNAMES
 from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
 from uta_cli.demo_data import demo_splits
 from uta_cli.engine import Engine, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import cache_root
 from uta_cli.models import release
 from uta_cli.models.release import ReleasedModel
 from uta_cli.models.student import UTAStudent, fit_mask_token

@@ -69,12 +69,13 @@ def check_push_possible() -> None:
 def write_hub_folder(folder: str, repo_id: str, student: nn.Module, clip: nn.Module,
                      oc_config: dict, timm_config: dict, card: str) -> None:
     """Write the repository layout into the (new, empty) `folder`."""
-    from uta_cli.export import _write_json, open_clip_state_dict
+    from uta_cli.export import open_clip_state_dict
+    from uta_cli.io import atomic_write_json
 
     os.makedirs(folder)
     oc_config = json.loads(json.dumps(oc_config))
     oc_config["model_cfg"]["vision_cfg"]["timm_model_name"] = "hf-hub:" + repo_id
-    _write_json(os.path.join(folder, "open_clip_config.json"), oc_config)
+    atomic_write_json(os.path.join(folder, "open_clip_config.json"), oc_config)
     save_file(open_clip_state_dict(student, clip),
               os.path.join(folder, "open_clip_model.safetensors"))
     # timm's own view: the trunk with the projection as its classifier head, so that
@@ -84,7 +85,7 @@ def write_hub_folder(folder: str, repo_id: str, student: nn.Module, clip: nn.Mod
     cfg["num_classes"] = cfg["pretrained_cfg"]["num_classes"] = dim
     cfg["model_args"]["num_classes"] = dim
     cfg["pretrained_cfg"]["hf_hub_id"] = repo_id
-    _write_json(os.path.join(folder, "config.json"), cfg)
+    atomic_write_json(os.path.join(folder, "config.json"), cfg)
     state = {k: v.detach().float().contiguous().cpu() for k, v in
              student.trunk.state_dict().items()}
     state["head.weight"] = student.head.weight.detach().float().contiguous().cpu()

@@ -36,6 +36,7 @@ from uta_cli.evaluation import (
     resolve_precision,
     text_encoder,
 )
+from uta_cli.io import atomic_path
 from uta_cli.zeroshot import build_classifier, resolve_templates
 
 EMBED_SUFFIXES = (".safetensors", ".npy")
@@ -159,8 +160,8 @@ def write_embeddings(output: str, embeddings: torch.Tensor, files: list[str],
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     listing = files_list_path(output)
-    tmp, tmp_list = f"{output}.tmp{os.getpid()}", f"{listing}.tmp{os.getpid()}"
-    try:
+    # both written before either is renamed: embeddings first, then their file list
+    with atomic_path(listing) as tmp_list, atomic_path(output) as tmp:
         data = embeddings.detach().float().cpu().contiguous()
         if output.endswith(".npy"):
             with open(tmp, "wb") as f:
@@ -171,12 +172,6 @@ def write_embeddings(output: str, embeddings: torch.Tensor, files: list[str],
                                 for k, v in info.items()})
         with open(tmp_list, "w", encoding="utf-8") as f:
             f.write("".join(p + "\n" for p in files))
-        os.replace(tmp, output)
-        os.replace(tmp_list, listing)
-    finally:
-        for t in (tmp, tmp_list):
-            if os.path.exists(t):
-                os.unlink(t)
     return output, listing
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import atomic_path
 
 CLASSIFIER_CACHE_VERSION = 1
 # The CLIP paper's single prompt: the baseline that the 80-template ensemble improves on.
@@ -319,10 +320,9 @@ def save_cached_classifier(cache_dir: str, key: str, classifier: torch.Tensor,
 
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{key}.safetensors")
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({"classifier": classifier.detach().float().cpu().contiguous()}, tmp,
-              metadata={k: str(v) for k, v in info.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"classifier": classifier.detach().float().cpu().contiguous()}, tmp,
+                  metadata={k: str(v) for k, v in info.items()})
     return path
 
 

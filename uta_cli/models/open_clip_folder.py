@@ -29,6 +29,7 @@ from unittest import mock
 import torch
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import atomic_write_json
 from uta_cli.recipe import StudentConfig
 
 CONFIG = "open_clip_config.json"
@@ -45,19 +46,6 @@ _EVA_DEFAULTS = {"swiglu_mlp": True, "scale_mlp": True, "qkv_fused": False, "qkv
 # Registered timm architectures whose entrypoints set only arguments every UTA trunk overrides
 # (patch_size, embed_dim, depth, num_heads, mlp_ratio), so `model_args` fully decides the model.
 TIMM_ARCH = {"eva": "eva_giant_patch14_224", "vit": "vit_base_patch16_224"}
-
-
-def write_json(path: str, data: dict) -> None:
-    """Atomic: a temp file renamed into place, so a reader never sees half a config."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def repoint_command(folder: str) -> str:
@@ -131,7 +119,7 @@ def repoint(folder: str) -> list[str]:
     want = local_tower_name(oc)
     if name != want:
         cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = want
-        write_json(os.path.join(oc, CONFIG), cfg)
+        atomic_write_json(os.path.join(oc, CONFIG), cfg)
         changes.append(f"{CONFIG}: image tower {name} -> {want}")
     md_path = os.path.join(oc, EXPORT_METADATA)
     if os.path.isfile(md_path):
@@ -139,7 +127,7 @@ def repoint(folder: str) -> list[str]:
             md = json.load(f)
         if md.get("open_clip_model") not in (None, "local-dir:" + oc):
             md["open_clip_model"] = "local-dir:" + oc
-            write_json(md_path, md)
+            atomic_write_json(md_path, md)
             changes.append(f"{EXPORT_METADATA}: open_clip_model -> local-dir:{oc}")
     if converted:  # the converted checkpoint's teacher is its own open_clip/ folder
         old_oc = os.path.dirname(name[len("local-dir:"):])
@@ -161,7 +149,7 @@ def repoint(folder: str) -> list[str]:
 
         meta = swap(meta, "")
         if found:
-            write_json(meta_path, meta)
+            atomic_write_json(meta_path, meta)
             changes += found
     return changes
 

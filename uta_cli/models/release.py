@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import replace
 from uta_cli.models.eva_clip import EVA_CLIP_MARKS, file_layout
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
@@ -529,9 +530,7 @@ def convert_release(path: str, output: str, force: bool = False,
         meta["converted_from"] = rel.meta["release"]
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
