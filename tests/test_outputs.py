@@ -78,3 +78,51 @@ def test_export_to_a_url_is_verified_then_uploaded(run_dir, tmp_path, memfs):
     unknown = cli("zeroshot", "--ckpt", run_dir, "--dataset", "demo", "--workers", "0",
                   "--cache-dir", "none", "--output-json", "nosuchfs://b/r.json")
     assert unknown.exit_code == 2 and "nosuchfs://b/r.json" in "".join(unknown.output.split())
+
+
+def test_run_directory_at_a_url_writes_latest_last_and_resumes_from_it(
+        tmp_path, tiny_clip_dir, monkeypatch):
+    """--output-dir memory://...: every checkpoint's files reach the store before `latest`
+    names it; a resume (from an empty local cache) trusts only what `latest` names."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = fsspec.filesystem("memory")
+    writes = []
+    for method in ("put_file", "pipe_file"):
+        real = getattr(MemoryFileSystem, method)
+
+        def record(self, path, *args, _real=real, _pipe=method == "pipe_file", **kwargs):
+            writes.append(str(path if _pipe else args[0]).lstrip("/"))  # the remote path
+            return _real(self, path, *args, **kwargs)
+
+        monkeypatch.setattr(MemoryFileSystem, method, record)
+    writes.clear()
+
+    def pretrain(steps):
+        args = ["pretrain", "demo", "--output-dir", "memory://runs/remote", "--allow-changes",
+                "schedule.steps"]
+        for s in tiny_overrides(tiny_clip_dir, steps=steps, **{"train.checkpoint_every": 2,
+                                                               "train.keep_checkpoints": 2}):
+            args += ["--set", s]
+        return cli(*args)
+
+    assert pretrain(4).exit_code == 0
+    assert fs.cat("/runs/remote/checkpoints/latest").decode().strip() == "step_00000004"
+    files = {"model.safetensors", "meta.json", "training_state.pt", "rng_rank0.pt"}
+    for step in ("step_00000002", "step_00000004"):
+        pointer = writes.index("runs/remote/checkpoints/latest",
+                               next(i for i, w in enumerate(writes) if step in w))
+        assert {w.rsplit("/", 1)[-1] for w in writes[:pointer] if step in w} >= files
+    records = [json.loads(line) for line in fs.cat("/runs/remote/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records if "loss" in r and "event" not in r] == [1, 2, 3, 4]
+    # an upload cut short: files of step 6 but `latest` still names step 4
+    fs.pipe_file("/runs/remote/checkpoints/step_00000006/model.safetensors", b"half")
+    monkeypatch.setenv("UTA_CACHE_DIR", str(tmp_path / "another-machine"))
+    result = pretrain(6)
+    assert result.exit_code == 0, result.output
+    assert "at step 4" in result.output
+    assert fs.cat("/runs/remote/checkpoints/latest").decode().strip() == "step_00000006"
+    assert fs.cat("/runs/remote/checkpoints/step_00000006/model.safetensors") != b"half"
+    kept = {p.rsplit("/", 1)[-1] for p in fs.ls("/runs/remote/checkpoints", detail=False)}
+    assert kept == {"latest", "step_00000004", "step_00000006"}  # keep_checkpoints: 2
+    fs.rm("/runs/remote", recursive=True)

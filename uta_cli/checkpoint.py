@@ -75,10 +75,15 @@ def commit(ckpt_root: str, tmp: str, step: int, keep: int) -> str:
     io.replace(tmp, final)
     io.atomic_write_text(os.path.join(ckpt_root, LATEST), step_dirname(step) + "\n")
     log.info("checkpoint written: %s", final)
+    from uta_cli.outputs import mirror_of
+
+    mirror = mirror_of(os.path.dirname(ckpt_root))
     if keep > 0:
         done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_"))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(ckpt_root, old), ignore_errors=True)
+    if mirror is not None:  # a run directory at a URL: complete files first, `latest` last
+        mirror.push_checkpoint(final)
     return final
 
 

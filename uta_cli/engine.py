@@ -659,6 +659,14 @@ def _rate(per_s: float) -> str:
 
 def run_directory(output_dir: str, default_name: str) -> str:
     path = output_dir or os.path.join("runs", default_name)
+    from uta_cli.outputs import is_remote, local_path, mirror_run
+
+    path = local_path(path)  # file:// URLs are local paths
+    if is_remote(path):  # written in a local staging folder, copied after each checkpoint
+        staging = mirror_run(path)
+        log.warning("run directory %s: staged in %s, copied after each checkpoint", path,
+                    staging)
+        return staging
     if os.path.exists(path) and not os.path.isdir(path):
         raise UtaUsageError(f"The run directory {path} exists and is a file. Pass another "
                             f"--output-dir.")

@@ -77,3 +77,96 @@ def upload(local: str, url: str) -> None:
             fs.put_file(local, target)
     except OSError as e:
         raise UtaUsageError(f"Cannot upload {local} to {url}: {e}") from None
+
+
+# -- run directories at a URL -----------------------------------------------------------------
+MIRRORS: dict[str, RunMirror] = {}  # local staging folder -> its mirror
+
+
+def staging_root() -> str:
+    root = os.environ.get("UTA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "uta")
+    return os.path.join(root, "remote-runs")
+
+
+class RunMirror:
+    """A run directory written locally (staging) and copied to `url` after each checkpoint.
+
+    Object stores cannot rename a folder into place, so a checkpoint is uploaded file by file
+    and `checkpoints/latest` is written only after the last of them: whoever reads the URL (a
+    resume, `uta zeroshot`) trusts only what `latest` names.
+    """
+
+    def __init__(self, staging: str, url: str):
+        self.staging, self.url = staging, url.rstrip("/")
+        self.fs, self.root = _fs(self.url)
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
+
+    def pull(self) -> None:
+        """Make the staging folder what the URL's `latest` says: that checkpoint and the logs,
+        nothing else (an unfinished upload is ignored)."""
+        import shutil
+
+        pointer = self._remote("checkpoints/latest")
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.makedirs(self.staging)
+        if not self.fs.exists(pointer):
+            return
+        name = self.fs.cat_file(pointer).decode().strip()
+        if not name.startswith("step_") or not self.fs.exists(self._remote(f"checkpoints/{name}")):
+            raise UtaUsageError(f"{self.url}/checkpoints/latest names {name!r}, which is not "
+                                f"there. Use another --output-dir, or remove the run.")
+        local = os.path.join(self.staging, "checkpoints", name)
+        for remote_file in self.fs.find(self._remote(f"checkpoints/{name}")):
+            rel = remote_file[len(self._remote(f"checkpoints/{name}")):].lstrip("/")
+            os.makedirs(os.path.dirname(os.path.join(local, rel)), exist_ok=True)
+            self.fs.get_file(remote_file, os.path.join(local, rel))
+        for entry in self.fs.ls(self.root, detail=False):
+            base = entry.rstrip("/").rsplit("/", 1)[-1]
+            if base == "metrics.jsonl" or (base.startswith("config") and base.endswith(".yaml")):
+                self.fs.get_file(entry, os.path.join(self.staging, base))
+        with open(os.path.join(self.staging, "checkpoints", "latest"), "w") as f:
+            f.write(name + "\n")
+
+    def push_logs(self) -> None:
+        if not os.path.isdir(self.staging):
+            return
+        for base in sorted(os.listdir(self.staging)):
+            path = os.path.join(self.staging, base)
+            if os.path.isfile(path) and (base == "metrics.jsonl" or base.endswith(".yaml")):
+                self.fs.put_file(path, self._remote(base))
+
+    def push_checkpoint(self, folder: str) -> None:
+        """The checkpoint's files, then the logs, then `latest`; then old remote checkpoints
+        that the local folder pruned."""
+        name = os.path.basename(folder)
+        upload(folder, f"{self.url}/checkpoints/{name}")
+        self.push_logs()
+        self.fs.pipe_file(self._remote("checkpoints/latest"), (name + "\n").encode())
+        kept = set(os.listdir(os.path.dirname(folder)))
+        for entry in self.fs.ls(self._remote("checkpoints"), detail=False):
+            base = entry.rstrip("/").rsplit("/", 1)[-1]
+            if base.startswith("step_") and base not in kept:
+                self.fs.rm(entry, recursive=True)
+
+
+def mirror_run(url: str) -> str:
+    """The local staging folder of a run directory at `url` (pulled from it, then mirrored)."""
+    import atexit
+    import hashlib
+
+    staging = os.path.join(staging_root(), hashlib.sha1(url.encode()).hexdigest()[:16])
+    mirror = RunMirror(staging, url)
+    try:
+        mirror.pull()
+    except OSError as e:
+        raise UtaUsageError(f"Cannot read the run directory {url}: {e}") from None
+    MIRRORS[os.path.abspath(staging)] = mirror
+    atexit.register(mirror.push_logs)  # records written after the last checkpoint
+    return staging
+
+
+def mirror_of(run_dir: str) -> RunMirror | None:
+    return MIRRORS.get(os.path.abspath(run_dir))
