@@ -66,11 +66,12 @@ TOWERS = {"open_clip CLIP (ViT-B-16 text)": clip_tower, "EVA02-B-16 text": eva02
           "released UTA text": release_tower}
 
 
-def seq_lengths(clip: torch.nn.Module) -> tuple[list[int], object]:
-    """The sequence length of every text-transformer forward, via a hook."""
+def forward_shapes(clip: torch.nn.Module) -> tuple[list[tuple[int, int]], object]:
+    """(prompts, sequence length) of every text-transformer forward, via a hook."""
     tower = getattr(clip, "text", clip)
-    seen: list[int] = []
-    handle = tower.transformer.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    seen: list[tuple[int, int]] = []
+    handle = tower.transformer.register_forward_hook(
+        lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
     return seen, handle
 
 
@@ -78,13 +79,13 @@ def seq_lengths(clip: torch.nn.Module) -> tuple[list[int], object]:
 def test_trimmed_class_weights_equal_full_context(name, monkeypatch):
     clip = TOWERS[name]()
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
-    monkeypatch.setattr(Z, "TRIMMED_TEXTS_PER_FORWARD", 16)  # several sorted forwards per batch
+    monkeypatch.setattr(Z, "TRIMMED_TOKENS_PER_FORWARD", 160)  # several forwards per batch
     trimmed = Z.TextEncoder(clip, "trimmed")
     full = Z.TextEncoder(clip, "full")
     assert (trimmed.context, full.context) == ("trimmed", "full")
     assert "end-of-text" in trimmed.note and "requested" in full.note
 
-    seen, handle = seq_lengths(clip)
+    seen, handle = forward_shapes(clip)
     got = Z.build_classifier(trimmed, tokenizer, CLASSNAMES, TEMPLATES, texts_per_batch=30)
     handle.remove()
     want = Z.build_classifier(clip.encode_text, tokenizer, CLASSNAMES, TEMPLATES)
@@ -93,8 +94,10 @@ def test_trimmed_class_weights_equal_full_context(name, monkeypatch):
     # it really trimmed: every forward stops at its own longest prompt, and prompts were sorted
     ids = tokenizer([Z.render_template(t, c) for c in CLASSNAMES for t in TEMPLATES])
     lengths = (ids.argmax(dim=-1) + 1).tolist()
-    assert max(seen) == max(lengths) < 77 and min(seen) < max(seen)
-    assert len(seen) == 7  # class batches of 30, 30, 30, 10 prompts, in forwards of <= 16
+    seq = [n for _, n in seen]
+    assert max(seq) == max(lengths) < 77 and min(seq) < max(seq)
+    assert sum(b for b, _ in seen) == len(lengths)  # each prompt once
+    assert len(seen) > 4 and all(b * n <= 160 for b, n in seen)  # 4 class batches, split
     # per prompt, in the caller's order, against the tower's own encode_text
     with torch.no_grad():
         emb = Z.encode_texts(trimmed, ids)
@@ -120,11 +123,11 @@ def test_towers_whose_result_depends_on_later_positions_keep_the_full_context(te
     enc = Z.TextEncoder(clip, "trimmed")
     assert enc.context == "full" and reason in enc.note, enc.note
     ids = open_clip.get_tokenizer("ViT-B-16")(["a photo of a dog.", "a cat."])
-    seen, handle = seq_lengths(clip)
+    seen, handle = forward_shapes(clip)
     with torch.no_grad():
         assert torch.equal(enc(ids), clip.encode_text(ids).float())
     handle.remove()
-    assert set(seen) == {77 + int(bool(text.get("embed_cls")))}
+    assert {n for _, n in seen} == {77 + int(bool(text.get("embed_cls")))}
 
 
 def test_other_text_towers_keep_the_full_context():

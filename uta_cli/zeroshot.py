@@ -93,8 +93,10 @@ def resolve_templates(spec: str) -> tuple[str, list[str]]:
 # text encoding, trimmed to the prompts' length
 
 TEXT_CONTEXTS = ("trimmed", "full")
-# Prompts per text forward when trimming: sorted by length, so a forward's padding is small.
-TRIMMED_TEXTS_PER_FORWARD = 256
+# Tokens (prompts x longest prompt) per text forward when trimming. The prompts are sorted by
+# length, so a forward's padding is small; a forward still needs thousands of token rows to
+# keep matmuls efficient (bf16 linears on CPU cost ~as much at 256 rows as at 1,152).
+TRIMMED_TOKENS_PER_FORWARD = 8192
 
 
 def causal_text_tower(clip: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
@@ -217,14 +219,22 @@ def class_batches(num_classes: int, num_templates: int,
 def encode_texts(encode_text: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """(len(tokens), embed_dim) fp32 embeddings in the order given. A trimming TextEncoder gets
-    the prompts sorted by length, in forwards of TRIMMED_TEXTS_PER_FORWARD, so each forward is
-    only as long as its own longest prompt; anything else gets them all in one forward."""
+    the prompts sorted by length, in forwards of up to TRIMMED_TOKENS_PER_FORWARD tokens, so
+    each forward is only as long as its own longest prompt; anything else gets them all in one
+    forward."""
     lengths = encode_text.lengths(tokens) if isinstance(encode_text, TextEncoder) else None
     if lengths is None:
         return encode_text(tokens.to(device)).float()
     order = lengths.argsort(stable=True)
-    parts = [encode_text(tokens[order[s:s + TRIMMED_TEXTS_PER_FORWARD]].to(device)).float()
-             for s in range(0, len(order), TRIMMED_TEXTS_PER_FORWARD)]
+    sorted_lengths = lengths[order].tolist()
+    parts, start = [], 0
+    while start < len(order):
+        end = start + 1  # ascending lengths: the newest prompt is the forward's longest
+        while end < len(order) and (end + 1 - start) * sorted_lengths[end] <= \
+                TRIMMED_TOKENS_PER_FORWARD:
+            end += 1
+        parts.append(encode_text(tokens[order[start:end]].to(device)).float())
+        start = end
     emb = parts[0].new_empty((len(order), parts[0].shape[1]))
     emb[order.to(emb.device)] = torch.cat(parts)
     return emb
