@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                   "when other jobs share the cores)")
             print(f"   {'text tower':11s} {'builder':38s} {'wall s':>8s} {'ratio':>6s} "
                   f"{'cpu s':>8s} {'ratio':>6s} {'1000x' + str(len(templates)) + ' wall':>14s} "
-                  f"{'max |diff|':>10s}")
+                  f"{'(cpu)':>9s} {'max |diff|':>10s}")
             for i, tower in enumerate(towers):
                 sides = BUILDERS if i == 0 else BUILDERS[:1]
                 r = class_weights(tower, args.classes, templates, prec, sides, args.repeats)
@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                     diff = r["max_abs_diff_vs_open_clip"].get(name)
                     print(f"   {tower:11s} {name:38s} {sec:8.2f} {ratios} "
                           f"{sec * 1000 / args.classes / 60:10.1f} min "
+                          f"{cpu * 1000 / args.classes / 60:5.1f} min "
                           + (f"{diff:10.1e}" if diff is not None else ""))
                 print(f"   {tower:11s} {'(' + r['note'] + ')'}")
             print(f"   cache load of the weights: {r['cache load'] * 1000:.1f} ms")
