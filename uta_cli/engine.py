@@ -29,15 +29,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from uta_cli import __version__
@@ -50,6 +41,7 @@ from uta_cli.errors import (
     is_out_of_memory,
 )
 from uta_cli.io import atomic_write_text, replace
+from uta_cli.progress import StepProgress
 from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 
 log = logging.getLogger(__name__)
@@ -170,36 +162,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-class _Progress:
-    """rich progress on an interactive main process; plain log lines otherwise."""
-
-    def __init__(self, enabled: bool, total: int, start: int, label: str):
-        self.console = Console(stderr=False)
-        self.enabled = enabled
-        self.bar = None
-        if enabled and self.console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                console=self.console)
-            self.task_id = self.bar.add_task(label, total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, step: int, info: str, log_line: bool) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task_id, completed=step, info=info)
-        elif self.enabled and log_line:
-            self.console.print(f"step {step} {info}", highlight=False)
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            self.console.print(text, highlight=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 class Engine:
@@ -421,7 +383,7 @@ class Engine:
             self.trackers = open_trackers(cfg.recipe, self.run_dir)
 
         quiet = logging.getLogger("uta_cli").getEffectiveLevel() > logging.WARNING  # -q
-        progress = _Progress(acc.is_main_process and not quiet, total, start_step, label)
+        progress = StepProgress(acc.is_main_process and not quiet, total, start_step, label)
         if source is not None:
             progress.print(f"Resumed from {source} at step {start_step}.")
             for key, (was, now) in accepted.changes.items():
@@ -566,7 +528,7 @@ class Engine:
                 "checkpoint": ckpt.latest_checkpoint(self.run_dir), "best": self.best}
 
     def _task_eval(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
-                   progress: _Progress, final: bool) -> dict:
+                   progress: StepProgress, final: bool) -> dict:
         evaluate = getattr(task, "evaluate_at", None)
         if evaluate is None:
             return {}
@@ -581,7 +543,7 @@ class Engine:
         return result
 
     def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
-                  progress: _Progress) -> dict[str, float]:
+                  progress: StepProgress) -> dict[str, float]:
         result: dict[str, float] = {}
         on_every_rank = getattr(task, "validates_on_every_rank", False)
         if on_every_rank or self.acc.is_main_process:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,14 +31,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 from torch.utils.data import DataLoader
 
@@ -65,6 +57,7 @@ from uta_cli.datasets import (
 )
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import cache_root, is_local, url_to_fs
+from uta_cli.progress import progress_bar
 from uta_cli.zeroshot import (
     RECALL_KS,
     TEXT_CONTEXTS,
@@ -737,34 +730,6 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
 
 # --------------------------------------------------------------------------------------------
 # progress
-
-
-@contextlib.contextmanager
-def progress_bar(console: Console, enabled: bool, total: int | None,
-                 label: str) -> Iterator[Callable[[int], None]]:
-    """A rich bar on a terminal; on a pipe, a few plain lines; nothing off the main process."""
-    if not enabled:
-        yield lambda n: None
-        return
-    if console.is_terminal:
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                       console=console)
-        with bar:
-            task = bar.add_task(label, total=total)
-            yield lambda n: bar.advance(task, n)
-        return
-    done = [0, 0]  # items, next item count to report at
-    step = max(1, math.ceil(total / 10)) if total else 1000
-
-    def advance(n: int) -> None:
-        done[0] += n
-        if done[0] >= done[1] + step:
-            done[1] = done[0] - done[0] % step
-            console.print(f"{label}: {done[0]}" + (f"/{total}" if total else ""),
-                          highlight=False)
-
-    yield advance
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,11 +32,11 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.evaluation import (
     Encoder,
     build_encoders,
-    progress_bar,
     resolve_precision,
     text_encoder,
 )
 from uta_cli.io import atomic_path
+from uta_cli.progress import progress_bar
 from uta_cli.zeroshot import build_classifier, resolve_templates
 
 EMBED_SUFFIXES = (".safetensors", ".npy")
