@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from uta_cli.app import app
 
 runner = CliRunner()
-COMMANDS = ("pretrain", "finetune", "zeroshot", "export", "convert", "inspect-mask")
+COMMANDS = ("pretrain", "finetune", "zeroshot", "export", "convert", "inspect-mask", "embed",
+            "classify", "repoint")
 WIDE = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
 
 
@@ -43,6 +44,10 @@ def test_core_and_command_line_agree_on_the_choices():
     assert typing.get_args(zeroshot_cmd.Precision) == evaluation.PRECISIONS
     assert typing.get_args(zeroshot_cmd.CkptFormat) == release.FORMATS
     assert typing.get_args(export_cmd.CkptFormat) == release.FORMATS
+    from uta_cli.commands import embed as embed_cmd
+
+    assert typing.get_args(embed_cmd.CkptFormat) == release.FORMATS
+    assert typing.get_args(embed_cmd.Precision) == evaluation.PRECISIONS
 
 
 def _listed(command: str) -> list[str]:
@@ -60,6 +65,9 @@ def _listed(command: str) -> list[str]:
             "export": [lit(e.Format), lit(e.OutputKind), lit(e.CkptFormat),
                        metavar(e.TEMPLATES, "FILE")],
             "convert": ["<uta-release>"],
+            "embed": [lit(z.CkptFormat), lit(z.Precision)],
+            "classify": [lit(z.CkptFormat), lit(z.Precision), "[openai|simple|none|FILE]"],
+            "repoint": [],
             "inspect-mask": ["<random|block|reversed-block|all>"]}[command]
 
 

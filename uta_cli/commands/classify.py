@@ -6,8 +6,10 @@ import json
 
 import typer
 
-from uta_cli.commands._common import cli_errors, quiet_libraries
-from uta_cli.commands.embed import CKPT_HELP
+from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
+from uta_cli.commands.embed import CKPT_HELP, CkptFormat, Precision
+
+TEMPLATES = ("openai", "simple", "none")
 
 
 def classify(
@@ -18,7 +20,10 @@ def classify(
     classnames: str = typer.Option("", "--classnames", help="Or a file of labels, one a line."),
     templates: str = typer.Option("openai", "--templates", help="openai (80 prompts, as uta "
                                   "zeroshot), simple ('a photo of a {c}.'), none (each label "
-                                  "is the whole prompt) or a file of templates with {c}."),
+                                  "is the whole prompt) or a file of templates with {c}.",
+                                  parser=word_or_path("--templates", TEMPLATES),
+                                  metavar=metavar(TEMPLATES, "FILE"),
+                                  autocompletion=lambda: list(TEMPLATES)),
     top_k: int = typer.Option(5, "--top-k", help="Labels to show per image."),
     folder: str = typer.Option("", "--dir", help="Classify every image under this folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout "
@@ -26,8 +31,11 @@ def classify(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward."),
     workers: int = typer.Option(0, "--workers", help="Image decoding processes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto, bf16 or fp32."),
-    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto, uta or uta-release."),
+    precision: Precision = typer.Option("auto", "--precision", help="auto, bf16 or fp32."),
+    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
+                                           "released UTA file, a folder a uta checkpoint or "
+                                           "an exported open_clip folder), uta or "
+                                           "uta-release."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved."),
 ) -> None:

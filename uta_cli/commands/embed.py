@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import typer
 
 from uta_cli.commands._common import cli_errors, quiet_libraries
+
+# The words these options take (checked again where used: release.FORMATS, PRECISIONS).
+CkptFormat = Literal["auto", "uta", "uta-release"]
+Precision = Literal["auto", "bf16", "fp32"]
 
 CKPT_HELP = ("A run directory (its newest checkpoint), a checkpoint folder (checkpoints/step_*), "
              "a released UTA file (uta_base_p16_224.pt, ...) or an exported open_clip folder "
@@ -23,9 +29,12 @@ def embed(
                                 "CPUs - 1, at most 8)."),
     device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, "
                                "cuda or cuda:N."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 where the hardware "
-                                  "has it), bf16 or fp32."),
-    ckpt_format: str = typer.Option("auto", "--ckpt-format", help="auto, uta or uta-release."),
+    precision: Precision = typer.Option("auto", "--precision", help="auto (bf16 where the "
+                                        "hardware has it), bf16 or fp32."),
+    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
+                                           "released UTA file, a folder a uta checkpoint or "
+                                           "an exported open_clip folder), uta or "
+                                           "uta-release."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved (contrastive checkpoints)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
