@@ -225,3 +225,13 @@ def test_finetune_head_and_export_take_the_text_context(monkeypatch, tmp_path):
     with pytest.raises(UtaUsageError, match="--text-context"):
         check_options(ExportOptions(ckpt="x", format="torchscript", output="y",
                                     output_kind="classifier", text_context="short"))
+
+
+def test_command_line_lists_the_text_contexts():
+    import typing
+
+    from uta_cli.commands import export as export_cmd
+    from uta_cli.commands import zeroshot as zeroshot_cmd
+
+    assert typing.get_args(zeroshot_cmd.TextContext) == Z.TEXT_CONTEXTS
+    assert typing.get_args(export_cmd.TextContext) == Z.TEXT_CONTEXTS

@@ -23,6 +23,7 @@ from uta_cli.errors import UtaUsageError
 
 # The words these options take (the core checks them again: export.FORMATS, KINDS).
 CkptFormat = Literal["auto", "uta", "uta-release"]
+TextContext = Literal["trimmed", "full"]  # zeroshot.TEXT_CONTEXTS
 Format = Literal["onnx", "torchscript", "pt2", "open-clip", "hf-hub"]
 OutputKind = Literal["embedding", "tokens", "classifier"]
 TEMPLATES = ("openai", "simple")
@@ -94,7 +95,7 @@ def export(
                                    "license id (e.g. apache-2.0, mit, other)."),
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved (classifier, open-clip)."),
-    text_context: str = typer.Option("trimmed", "--text-context", help="Class weights of "
+    text_context: TextContext = typer.Option("trimmed", "--text-context", help="Class weights of "
                                      "--output-kind classifier: trimmed (each text forward "
                                      "only up to its longest prompt, exact for causal CLIP "
                                      "text towers) or full (the whole context)."),

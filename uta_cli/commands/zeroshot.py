@@ -12,6 +12,7 @@ from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_
 CkptFormat = Literal["auto", "uta", "uta-release"]
 Task = Literal["classification", "retrieval", "linear-probe"]
 Precision = Literal["auto", "bf16", "fp32"]
+TextContext = Literal["trimmed", "full"]  # zeroshot.TEXT_CONTEXTS
 DATASETS = ("imagenet", "demo", "imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch",
             "objectnet")
 TEMPLATES = ("openai", "simple")
@@ -88,7 +89,7 @@ def zeroshot(
     cache_dir: str = typer.Option("", "--cache-dir", help="Where class weights are cached "
                                   "(default: ~/.cache/uta/classifiers or $UTA_CACHE_DIR/"
                                   "classifiers); 'none' to never cache."),
-    text_context: str = typer.Option("trimmed", "--text-context", help="trimmed: run each "
+    text_context: TextContext = typer.Option("trimmed", "--text-context", help="trimmed: run each "
                                      "text batch only up to its longest prompt (exact for "
                                      "causal, end-of-text pooled CLIP text towers; others use "
                                      "the full context); full: the whole context, bit for bit "
