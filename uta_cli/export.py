@@ -37,7 +37,6 @@ it after a move (models/open_clip_folder.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import hashlib
 import json
@@ -49,14 +48,19 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from uta_cli import __version__
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import atomic_write_json, remove, replace
 from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
-from uta_cli.models.open_clip_folder import TIMM_ARCH, capture_trunk_kwargs
+from uta_cli.models.open_clip_folder import (
+    export_open_clip,
+    load_open_clip,
+    open_clip_config,
+    point_open_clip_at,
+    timm_trunk_config,
+)
 
 FORMATS = ("onnx", "torchscript", "pt2", "open-clip", "hf-hub")
 CLIP_FORMATS = ("open-clip", "hf-hub")  # whole CLIP models: image tower + text tower
@@ -481,65 +485,6 @@ def export_pt2(module: ExportModule, example: torch.Tensor, path: str) -> str:
     return "torch.export"
 
 
-def timm_trunk_config(student: nn.Module, metadata: dict) -> dict:
-    """timm's local-dir config.json (its push_to_hf layout) for the student's trunk."""
-    family, kwargs = capture_trunk_kwargs(student.cfg)
-    kwargs["num_classes"] = 0  # the projection is open_clip's head.proj
-    size = metadata["input_size"][1]
-    return {
-        "architecture": TIMM_ARCH[family],
-        "num_classes": 0,
-        "num_features": int(student.cfg.width),
-        "model_args": kwargs,
-        "pretrained_cfg": {
-            "input_size": [3, size, size], "fixed_input_size": True,
-            "interpolation": metadata["interpolation"], "crop_pct": 1.0, "crop_mode": "center",
-            "mean": metadata["mean"], "std": metadata["std"], "num_classes": 0,
-        },
-    }
-
-
-def open_clip_config(teacher_model_cfg: dict, metadata: dict, trunk_dir: str) -> dict:
-    model_cfg = copy.deepcopy(teacher_model_cfg)
-    model_cfg["vision_cfg"] = {
-        "timm_model_name": "local-dir:" + os.path.abspath(trunk_dir),
-        "timm_model_pretrained": False,
-        "timm_pool": "token",  # the CLS token after the trunk's final norm
-        "timm_proj": "linear",
-        "timm_proj_bias": True,  # the student's head is nn.Linear with bias
-        "image_size": metadata["input_size"][1],
-    }
-    size = metadata["input_size"][1]
-    return {"model_cfg": model_cfg,
-            "preprocess_cfg": {"size": size, "mean": metadata["mean"], "std": metadata["std"],
-                               "interpolation": metadata["interpolation"],
-                               "resize_mode": "shortest"}}
-
-
-def open_clip_state_dict(student: nn.Module, clip: nn.Module) -> dict[str, torch.Tensor]:
-    """Student as `visual` (trunk + head.proj), every other tensor from the teacher CLIP."""
-    state = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
-    state.update({f"visual.trunk.{k}": v for k, v in student.trunk.state_dict().items()})
-    state["visual.head.proj.weight"] = student.head.weight
-    state["visual.head.proj.bias"] = student.head.bias
-    return {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else
-            v.detach().contiguous().cpu() for k, v in state.items()}
-
-
-def export_open_clip(student: nn.Module, teacher, folder: str, metadata: dict) -> str:
-    """Write the folder with timm_model_name pointing at `folder` itself (the temp path during
-    verification; `point_open_clip_at` re-points it before the rename)."""
-    os.makedirs(folder)
-    trunk_dir = os.path.join(folder, "timm_trunk")
-    os.makedirs(trunk_dir)
-    atomic_write_json(os.path.join(trunk_dir, "config.json"), timm_trunk_config(student, metadata))
-    atomic_write_json(os.path.join(folder, "open_clip_config.json"),
-                open_clip_config(teacher.identity.model_cfg, metadata, trunk_dir))
-    save_file(open_clip_state_dict(student, teacher.clip),
-              os.path.join(folder, "open_clip_model.safetensors"))
-    return "open_clip timm tower"
-
-
 def export_hf_hub(student: nn.Module, teacher, folder: str, metadata: dict, meta: dict,
                   opts: ExportOptions, zeroshot_rows: list[dict]) -> str:
     """The Hugging Face repository layout (hub.py) for opts.repo_id, with its model card."""
@@ -553,17 +498,6 @@ def export_hf_hub(student: nn.Module, teacher, folder: str, metadata: dict, meta
     hub.write_hub_folder(folder, opts.repo_id, student, teacher.clip, oc_cfg,
                          timm_trunk_config(student, metadata), card)
     return "huggingface hub layout (open_clip + timm)"
-
-
-def point_open_clip_at(folder: str, final: str) -> None:
-    """Re-point vision_cfg.timm_model_name from the temp folder to the final one (absolute: timm
-    resolves local-dir paths against the working directory)."""
-    path = os.path.join(folder, "open_clip_config.json")
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = \
-        "local-dir:" + os.path.join(os.path.abspath(final), "timm_trunk")
-    atomic_write_json(path, cfg)
 
 
 def load_runner(fmt: str, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -599,17 +533,6 @@ def _encode_image(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             return model.encode_image(x, normalize=True)
 
     return run
-
-
-def load_open_clip(path: str) -> tuple[nn.Module, Callable]:
-    """An exported folder as any open_clip user loads it: no plugin, just `local-dir:`."""
-    import open_clip
-
-    from uta_cli.models.open_clip_folder import check_location
-
-    check_location(path)  # a moved folder: name the repair, not timm's missing-file error
-    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + path)
-    return model.eval(), open_clip.get_tokenizer("local-dir:" + path)
 
 
 def text_checks(model: nn.Module, tokenizer: Callable, teacher,

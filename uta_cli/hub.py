@@ -69,8 +69,8 @@ def check_push_possible() -> None:
 def write_hub_folder(folder: str, repo_id: str, student: nn.Module, clip: nn.Module,
                      oc_config: dict, timm_config: dict, card: str) -> None:
     """Write the repository layout into the (new, empty) `folder`."""
-    from uta_cli.export import open_clip_state_dict
     from uta_cli.io import atomic_write_json
+    from uta_cli.models.open_clip_folder import open_clip_state_dict
 
     os.makedirs(folder)
     oc_config = json.loads(json.dumps(oc_config))

@@ -35,7 +35,7 @@ def repoint(
         for line in changes:
             typer.echo(f"  {line}")
         if not no_verify:
-            from uta_cli.export import load_open_clip
+            from uta_cli.models.open_clip_folder import load_open_clip
 
             path = os.path.abspath(folder)
             if os.path.isfile(os.path.join(path, "meta.json")):

@@ -18,15 +18,18 @@ the checkpoint it came from.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from unittest import mock
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import atomic_write_json
@@ -297,3 +300,83 @@ def load_folder(folder: str):
                                  "exported_from": exported.get("checkpoint_hash")},
             "checkpoint_dir": folder}
     return student.eval(), text, meta
+
+
+# -- writing the local-dir layout (uta export, uta convert) ------------------------------------
+def timm_trunk_config(student: nn.Module, metadata: dict) -> dict:
+    """timm's local-dir config.json (its push_to_hf layout) for the student's trunk."""
+    family, kwargs = capture_trunk_kwargs(student.cfg)
+    kwargs["num_classes"] = 0  # the projection is open_clip's head.proj
+    size = metadata["input_size"][1]
+    return {
+        "architecture": TIMM_ARCH[family],
+        "num_classes": 0,
+        "num_features": int(student.cfg.width),
+        "model_args": kwargs,
+        "pretrained_cfg": {
+            "input_size": [3, size, size], "fixed_input_size": True,
+            "interpolation": metadata["interpolation"], "crop_pct": 1.0, "crop_mode": "center",
+            "mean": metadata["mean"], "std": metadata["std"], "num_classes": 0,
+        },
+    }
+
+
+def open_clip_config(teacher_model_cfg: dict, metadata: dict, trunk_dir: str) -> dict:
+    model_cfg = copy.deepcopy(teacher_model_cfg)
+    model_cfg["vision_cfg"] = {
+        "timm_model_name": "local-dir:" + os.path.abspath(trunk_dir),
+        "timm_model_pretrained": False,
+        "timm_pool": "token",  # the CLS token after the trunk's final norm
+        "timm_proj": "linear",
+        "timm_proj_bias": True,  # the student's head is nn.Linear with bias
+        "image_size": metadata["input_size"][1],
+    }
+    size = metadata["input_size"][1]
+    return {"model_cfg": model_cfg,
+            "preprocess_cfg": {"size": size, "mean": metadata["mean"], "std": metadata["std"],
+                               "interpolation": metadata["interpolation"],
+                               "resize_mode": "shortest"}}
+
+
+def open_clip_state_dict(student: nn.Module, clip: nn.Module) -> dict[str, torch.Tensor]:
+    """Student as `visual` (trunk + head.proj), every other tensor from the teacher CLIP."""
+    state = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
+    state.update({f"visual.trunk.{k}": v for k, v in student.trunk.state_dict().items()})
+    state["visual.head.proj.weight"] = student.head.weight
+    state["visual.head.proj.bias"] = student.head.bias
+    return {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else
+            v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def export_open_clip(student: nn.Module, teacher, folder: str, metadata: dict) -> str:
+    """Write the folder with timm_model_name pointing at `folder` itself (the temp path during
+    verification; `point_open_clip_at` re-points it before the rename)."""
+    os.makedirs(folder)
+    trunk_dir = os.path.join(folder, "timm_trunk")
+    os.makedirs(trunk_dir)
+    atomic_write_json(os.path.join(trunk_dir, "config.json"), timm_trunk_config(student, metadata))
+    atomic_write_json(os.path.join(folder, "open_clip_config.json"),
+                open_clip_config(teacher.identity.model_cfg, metadata, trunk_dir))
+    save_file(open_clip_state_dict(student, teacher.clip),
+              os.path.join(folder, "open_clip_model.safetensors"))
+    return "open_clip timm tower"
+
+
+def point_open_clip_at(folder: str, final: str) -> None:
+    """Re-point vision_cfg.timm_model_name from the temp folder to the final one (absolute: timm
+    resolves local-dir paths against the working directory)."""
+    path = os.path.join(folder, "open_clip_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = \
+        "local-dir:" + os.path.join(os.path.abspath(final), "timm_trunk")
+    atomic_write_json(path, cfg)
+
+
+def load_open_clip(path: str) -> tuple[nn.Module, Callable]:
+    """An exported folder as any open_clip user loads it: no plugin, just `local-dir:`."""
+    import open_clip
+
+    check_location(path)  # a moved folder: name the repair, not timm's missing-file error
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + path)
+    return model.eval(), open_clip.get_tokenizer("local-dir:" + path)

@@ -487,7 +487,7 @@ def convert_release(path: str, output: str, force: bool = False,
     """Write a uta checkpoint folder (model.safetensors, text_tower.safetensors, meta.json) with
     an open_clip `local-dir:` folder inside (`open_clip/`), which is also its recorded teacher,
     then load both back and check them against the release."""
-    from uta_cli.export import export_open_clip, point_open_clip_at
+    from uta_cli.models.open_clip_folder import export_open_clip, point_open_clip_at
 
     output = os.path.abspath(output)
     if os.path.exists(output):
@@ -541,7 +541,7 @@ def convert_release(path: str, output: str, force: bool = False,
 @torch.no_grad()
 def _verify_open_clip(rel: ReleasedModel, folder: str, say: Callable[[str], None]) -> None:
     """The written open_clip folder must reproduce the release's image and text embeddings."""
-    from uta_cli.export import load_open_clip
+    from uta_cli.models.open_clip_folder import load_open_clip
 
     model, tokenizer = load_open_clip(folder)
     size = rel.arch.image_size
