@@ -65,8 +65,9 @@ def _listed(command: str) -> list[str]:
             "export": [lit(e.Format), lit(e.OutputKind), lit(e.CkptFormat),
                        metavar(e.TEMPLATES, "FILE")],
             "convert": ["<uta-release>"],
-            "embed": [lit(z.CkptFormat), lit(z.Precision)],
-            "classify": [lit(z.CkptFormat), lit(z.Precision), "[openai|simple|none|FILE]"],
+            "embed": [lit(z.CkptFormat), lit(z.Precision), "[auto|cpu|cuda|cuda:N]"],
+            "classify": [lit(z.CkptFormat), lit(z.Precision), "[openai|simple|none|FILE]",
+                         "[auto|cpu|cuda|cuda:N]"],
             "repoint": [],
             "inspect-mask": ["<random|block|reversed-block|all>"]}[command]
 
@@ -95,6 +96,8 @@ def test_help_lists_every_choice_and_verbosity(command):
     (["finetune", "finetune_demo", "--resume", "nevr"], "Did you mean 'never'?"),
     (["inspect-mask", "--strategy", "reversed"], "'random', 'block', 'reversed-block', 'all'"),
     (["convert", "x.pt", "--output", "o", "--from", "timm"], "'uta-release'"),
+    (["embed", "a.png", "--ckpt", "x", "--output", "e.npy", "--device", "cdua"],
+     "Did you mean 'cuda'?"),
 ])
 def test_a_typo_is_exit_2_with_the_valid_values(args, valid):
     result = cli(*args)

@@ -132,3 +132,18 @@ def word_or_path(option: str, words: tuple[str, ...], allow_empty: bool = False)
 
 def metavar(words: tuple[str, ...], other: str) -> str:
     return "[" + "|".join((*words, other)) + "]"
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICE_METAVAR = "[" + "|".join(DEVICES) + "]"
+
+
+def parse_device(value: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (N a GPU index)."""
+    head, _, index = value.partition(":")
+    if value in DEVICES[:3] or (head == "cuda" and index.isdigit()):
+        return value
+    close = difflib.get_close_matches(value, DEVICES[:3], n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise typer.BadParameter(f"{value!r} is not one of {', '.join(DEVICES)}.{hint}",
+                             param_hint="--device")

@@ -6,7 +6,14 @@ import json
 
 import typer
 
-from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
+from uta_cli.commands._common import (
+    DEVICE_METAVAR,
+    cli_errors,
+    metavar,
+    parse_device,
+    quiet_libraries,
+    word_or_path,
+)
 from uta_cli.commands.embed import CKPT_HELP, CkptFormat, Precision
 
 TEMPLATES = ("openai", "simple", "none")
@@ -30,7 +37,8 @@ def classify(
                                  "(progress stays on stderr)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward."),
     workers: int = typer.Option(0, "--workers", help="Image decoding processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", "--device", parser=parse_device,
+                               metavar=DEVICE_METAVAR, help="auto, cpu, cuda or cuda:N."),
     precision: Precision = typer.Option("auto", "--precision", help="auto, bf16 or fp32."),
     ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
                                            "released UTA file, a folder a uta checkpoint or "

@@ -6,7 +6,7 @@ from typing import Literal
 
 import typer
 
-from uta_cli.commands._common import cli_errors, quiet_libraries
+from uta_cli.commands._common import DEVICE_METAVAR, cli_errors, parse_device, quiet_libraries
 
 # The words these options take (checked again where used: release.FORMATS, PRECISIONS).
 CkptFormat = Literal["auto", "uta", "uta-release"]
@@ -27,7 +27,8 @@ def embed(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per forward."),
     workers: int = typer.Option(-1, "--workers", help="Image decoding processes (default: "
                                 "CPUs - 1, at most 8)."),
-    device: str = typer.Option("auto", "--device", help="auto (a GPU when there is one), cpu, "
+    device: str = typer.Option("auto", "--device", parser=parse_device,
+                               metavar=DEVICE_METAVAR, help="auto (a GPU when there is one), cpu, "
                                "cuda or cuda:N."),
     precision: Precision = typer.Option("auto", "--precision", help="auto (bf16 where the "
                                         "hardware has it), bf16 or fp32."),
