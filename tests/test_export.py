@@ -25,8 +25,8 @@ import uta_cli.export as ex
 from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
 from uta_cli.data import EvalTransform, View, normalize
-from uta_cli.models.student import UTAStudent, student_from_checkpoint
-from uta_cli.models.teacher import teacher_from_meta
+from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import StudentConfig
 from uta_cli.zeroshot import build_classifier, evaluate
 

@@ -143,8 +143,7 @@ def test_layer_decay_lrs_follow_decay_power_of_depth_minus_layer(full_run):
 
 
 def test_zeroshot_head_step_zero_equals_zeroshot_top1(full_run, uta_ckpt):
-    from uta_cli.models.student import student_from_checkpoint
-    from uta_cli.models.teacher import teacher_from_meta
+    from uta_cli.loading import student_from_checkpoint, teacher_from_meta
 
     run_dir, _ = full_run
     first = [r for r in metrics(run_dir) if r.get("event") == "val"][0]
@@ -250,7 +249,8 @@ def test_contrastive_loss_is_lower_for_matched_than_shuffled_pairs(tuned):
 
     from uta_cli.data import View, normalize
     from uta_cli.demo_data import demo_splits
-    from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint, uta_clip
+    from uta_cli.loading import tuned_clip_from_checkpoint
+    from uta_cli.tasks.contrastive import uta_clip
 
     run_dir, summary = tuned
     losses = [r["loss"] for r in metrics(run_dir) if "loss" in r and "event" not in r]
@@ -273,7 +273,8 @@ def test_contrastive_loss_is_lower_for_matched_than_shuffled_pairs(tuned):
 
 
 def test_tuned_checkpoint_keeps_text_tower_for_zeroshot(tuned, uta_ckpt, tmp_path):
-    from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint, uta_clip
+    from uta_cli.loading import tuned_clip_from_checkpoint
+    from uta_cli.tasks.contrastive import uta_clip
 
     run_dir, summary = tuned
     student, teacher, meta = tuned_clip_from_checkpoint(str(run_dir))
@@ -313,7 +314,7 @@ def test_tuned_text_tower_gets_its_own_cached_class_weights(tuned, uta_ckpt, tmp
 
     from uta_cli.app import app
     from uta_cli.demo_data import CLASSNAMES, TEMPLATES
-    from uta_cli.tasks.contrastive import tuned_clip_from_checkpoint
+    from uta_cli.loading import tuned_clip_from_checkpoint
     from uta_cli.zeroshot import build_classifier
 
     run_dir, _ = tuned

@@ -19,8 +19,7 @@ from test_release import TINY, make_state
 from typer.testing import CliRunner
 
 from uta_cli.app import app
-from uta_cli.models.student import student_from_checkpoint
-from uta_cli.models.teacher import teacher_from_meta
+from uta_cli.loading import student_from_checkpoint, teacher_from_meta
 
 runner = CliRunner()
 REPO = "uta-tests/tiny-student"

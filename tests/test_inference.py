@@ -21,8 +21,8 @@ from test_zeroshot import CLASSES, TEMPLATES, write_varied_images
 from typer.testing import CliRunner
 
 from uta_cli.app import app
+from uta_cli.loading import student_from_checkpoint
 from uta_cli.models import release as R
-from uta_cli.models.student import student_from_checkpoint
 
 runner = CliRunner()
 

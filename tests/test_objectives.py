@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
+from uta_cli.loading import student_from_checkpoint
 from uta_cli.losses import gather_targets
 from uta_cli.masking import MaskSpec, generate_masks, keep_indices
-from uta_cli.models.student import UTAStudent, student_from_checkpoint
+from uta_cli.models.student import UTAStudent
 from uta_cli.pretrain import run_pretrain
 from uta_cli.recipe import StudentConfig, load_recipe
 from uta_cli.tasks.alignment import masked_from_keep, objective_loss

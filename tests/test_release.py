@@ -30,8 +30,9 @@ from typer.testing import CliRunner
 
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
+from uta_cli.loading import student_from_checkpoint
 from uta_cli.models import release as R
-from uta_cli.models.student import UTAStudent, student_from_checkpoint
+from uta_cli.models.student import UTAStudent
 
 KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_keys")
 SIZES = {  # docs/release-format.md: image, patch, width, depth, heads, mlp hidden

@@ -136,7 +136,7 @@ def independent_classification(setup, model_fn, transform, classnames, data) -> 
 
 
 def test_teacher_and_student_match_an_independent_computation_of_the_protocol(setup, tmp_path):
-    from uta_cli.models.student import student_from_checkpoint
+    from uta_cli.loading import student_from_checkpoint
 
     csv_path = tmp_path / "pc.csv"
     out = zs_json(tmp_path, "--ckpt", setup["run"], "--dataset", setup["data"], "--teacher",
@@ -643,7 +643,7 @@ def test_non_square_images_give_open_clips_predictions_image_for_image(setup, tm
     from rich.console import Console
 
     from uta_cli import checkpoint as ckpt
-    from uta_cli.models.student import student_from_checkpoint
+    from uta_cli.loading import student_from_checkpoint
 
     data = tmp_path / "images"
     write_non_square_images(data, 5)

@@ -42,6 +42,7 @@ from uta_cli.errors import (
 )
 from uta_cli.io import atomic_write_text, replace
 from uta_cli.progress import StepProgress
+from uta_cli.recipe import Recipe, recipe_to_dict
 from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 
 log = logging.getLogger(__name__)
@@ -634,3 +635,15 @@ def run_directory(output_dir: str, default_name: str) -> str:
                             f"--output-dir.")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def engine_config(recipe: Recipe) -> EngineConfig:
+    """The engine settings of a recipe (pretrain and finetune alike)."""
+    o, s, t = recipe.optim, recipe.schedule, recipe.train
+    return EngineConfig(
+        seed=recipe.seed, precision=t.precision, batch_size=recipe.data.batch_size,
+        grad_accum=t.grad_accum, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip, steps=s.steps, epochs=s.epochs,
+        warmup_steps=s.warmup_steps, warmup_epochs=s.warmup_epochs, log_every=t.log_every,
+        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+        val_every=t.val_every, recipe=recipe_to_dict(recipe))

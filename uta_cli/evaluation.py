@@ -694,8 +694,7 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
     plus the verified teacher whose text tower scores both. A released UTA file brings its own
     text tower, which takes the teacher's place."""
-    from uta_cli.models.student import student_from_checkpoint
-    from uta_cli.models.teacher import teacher_from_meta
+    from uta_cli.loading import student_from_checkpoint, teacher_from_meta
 
     student, meta = student_from_checkpoint(ckpt_dir, ckpt_format, teacher_weights)
     if "bundled_text" in meta:

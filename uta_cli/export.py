@@ -574,7 +574,7 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
         templates = resolve_templates(opts.templates)[1]  # the same prompts as `uta zeroshot`
     output = os.path.abspath(opts.output)
 
-    from uta_cli.models.student import student_from_checkpoint
+    from uta_cli.loading import student_from_checkpoint
 
     student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format, opts.teacher_weights)
     student.requires_grad_(False)
@@ -582,7 +582,7 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     if "bundled_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
         teacher = meta.pop("bundled_text")
     elif kind == "classifier" or fmt in CLIP_FORMATS:
-        from uta_cli.models.teacher import teacher_from_meta
+        from uta_cli.loading import teacher_from_meta
 
         teacher = teacher_from_meta(meta, opts.teacher_weights or _local_teacher_dir(meta))
     if kind == "classifier":

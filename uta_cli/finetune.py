@@ -43,9 +43,15 @@ from uta_cli.demo import ensure_demo_teacher
 from uta_cli.demo_data import CLASSNAMES as DEMO_CLASSNAMES
 from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
 from uta_cli.demo_data import demo_splits
-from uta_cli.engine import Engine, make_accelerator, run_directory
+from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import cache_root
+from uta_cli.loading import (
+    STUDENT_PREFIX,
+    student_state_dict,
+    teacher_from_meta,
+    tuned_clip_from_checkpoint,
+)
 from uta_cli.models import release
 from uta_cli.models.release import ReleasedModel
 from uta_cli.models.student import UTAStudent, fit_mask_token
@@ -53,10 +59,8 @@ from uta_cli.models.teacher import (
     CLIPTeacher,
     load_clip,
     load_teacher,
-    teacher_from_meta,
     teacher_tokenizer,
 )
-from uta_cli.pretrain import engine_config
 from uta_cli.recipe import Recipe, StudentConfig
 from uta_cli.tasks.alignment import ALIGNMENT_TASKS
 from uta_cli.tasks.classification import (
@@ -67,13 +71,7 @@ from uta_cli.tasks.classification import (
     ZeroShotHead,
     eval_loader,
 )
-from uta_cli.tasks.contrastive import (
-    STUDENT_PREFIX,
-    ContrastiveTask,
-    student_state_dict,
-    tuned_clip_from_checkpoint,
-    uta_clip,
-)
+from uta_cli.tasks.contrastive import ContrastiveTask, uta_clip
 from uta_cli.zeroshot import (
     TEXT_CONTEXTS,
     TextEncoder,

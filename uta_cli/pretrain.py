@@ -29,12 +29,12 @@ from uta_cli.data import (
 )
 from uta_cli.demo import ensure_demo_teacher, zeroshot_demo
 from uta_cli.demo_data import CLASSNAMES, demo_splits
-from uta_cli.engine import Engine, EngineConfig, make_accelerator, run_directory
+from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
-from uta_cli.recipe import Recipe, recipe_to_dict
+from uta_cli.recipe import Recipe
 from uta_cli.tasks.alignment import ALIGNMENT_TASKS, AlignmentTask
 
 # what decides the shapes of a student's weights
@@ -70,21 +70,10 @@ def student_init_state(recipe: Recipe, embed_dim: int) -> tuple[dict[str, torch.
                             f"meta.json) and use the same teacher.")
     state = ckpt.load_weights(folder)
     if task == "uta-contrastive":
-        from uta_cli.tasks.contrastive import student_state_dict
+        from uta_cli.loading import student_state_dict
 
         state = student_state_dict(state)
     return state, f"{folder} ({task}, step {meta.get('step')})"
-
-
-def engine_config(recipe: Recipe) -> EngineConfig:
-    o, s, t = recipe.optim, recipe.schedule, recipe.train
-    return EngineConfig(
-        seed=recipe.seed, precision=t.precision, batch_size=recipe.data.batch_size,
-        grad_accum=t.grad_accum, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip, steps=s.steps, epochs=s.epochs,
-        warmup_steps=s.warmup_steps, warmup_epochs=s.warmup_epochs, log_every=t.log_every,
-        checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-        val_every=t.val_every, recipe=recipe_to_dict(recipe))
 
 
 def describe(recipe: Recipe) -> Table:

@@ -3,7 +3,8 @@
 - The demo teacher (`uta_cli.demo`): an open_clip CLIP trained from scratch on the demo captions.
 - Contrastive tuning (`uta finetune`, task: contrastive): the UTA student as the image tower of a
   copy of its teacher's CLIP, with the teacher's text tower tuned or locked (docs/method.md §7).
-  `uta_clip` builds that model; `tuned_clip_from_checkpoint` reads its checkpoints back.
+  `uta_clip` builds that model; `uta_cli.loading.tuned_clip_from_checkpoint` reads its
+  checkpoints back.
 
 Features are gathered across processes with gradients (open_clip's ClipLoss), so N processes
 compute the loss of the global batch. The learned logit scale is clamped at 100, as open_clip.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -24,12 +24,6 @@ from torch import nn
 
 from uta_cli.data import Source, View, normalize
 from uta_cli.tasks.common import decay_groups
-
-# Checkpoint layout of contrastive tuning (meta.json "weights_layout"): in model.safetensors the
-# student's own keys (those of UTAStudent) sit under STUDENT_PREFIX; every key outside "visual."
-# belongs to the CLIP's text side (token embedding, transformer, ln_final, text_projection,
-# logit_scale, or "text." for open_clip's CustomTextCLIP).
-STUDENT_PREFIX = "visual.student."
 
 
 class StudentImageTower(nn.Module):
@@ -60,47 +54,6 @@ def uta_clip(clip: nn.Module, student: nn.Module, text_locked: bool) -> nn.Modul
     if text_locked:
         model.lock_text_tower()  # open_clip's own: embeddings, transformer, ln_final, projection
     return model
-
-
-def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The text side of a contrastive checkpoint's weights (everything outside `visual.`)."""
-    return {k: v for k, v in state.items() if not k.startswith("visual.")}
-
-
-def student_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The UTAStudent weights of a contrastive checkpoint (prefix removed)."""
-    return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
-
-
-def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
-    """(student, teacher, meta) of a contrastive-tuning checkpoint (file or run directory): the
-    UTA student, and the verified teacher whose CLIP now carries the TUNED text tower and logit
-    scale, so zero-shot classification uses the text side that was trained with the student."""
-    from uta_cli import checkpoint as ckpt
-    from uta_cli.errors import UtaUsageError
-    from uta_cli.models.student import UTAStudent
-    from uta_cli.models.teacher import file_fingerprint, teacher_from_meta
-    from uta_cli.recipe import StudentConfig
-
-    folder = ckpt.resolve_checkpoint(ckpt_dir)
-    meta = ckpt.load_meta(folder)
-    if "text_tower" not in meta:
-        raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint without a tuned text "
-                            f"tower (not a contrastive-tuning checkpoint).")
-    state = ckpt.load_weights(folder)
-    student = UTAStudent(StudentConfig(**meta["student"]), int(meta["embed_dim"]))
-    student.load_state_dict(student_state_dict(state))
-    teacher = teacher_from_meta(meta, teacher_weights)
-    missing, unexpected = teacher.clip.load_state_dict(text_state_dict(state), strict=False)
-    missing = [k for k in missing if not k.startswith("visual.")]
-    if missing or unexpected:
-        raise UtaUsageError(f"The text tower in {folder} does not fit the teacher's CLIP "
-                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
-    teacher.clip.eval().requires_grad_(False)
-    # the tuned text gives other class weights than the teacher's: keep them apart in the cache
-    teacher.text_fingerprint = file_fingerprint(os.path.join(folder, "model.safetensors"))
-    meta["checkpoint_dir"] = folder
-    return student.eval(), teacher, meta
 
 
 class ContrastiveTask:

@@ -1,0 +1,141 @@
+"""Checkpoints of every kind back as models: a UTA student (run directory, checkpoint folder,
+released file, exported open_clip folder, contrastive-tuning run) with the text side it goes
+with, and the teacher a checkpoint records.
+
+Above models/ and checkpoint.py, below the tasks and workflows that use it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from uta_cli import checkpoint as ckpt
+from uta_cli.errors import UtaUsageError
+from uta_cli.models import open_clip_folder, release
+from uta_cli.models.release import text_tower_from_meta
+from uta_cli.models.student import UTAStudent, fit_mask_token
+from uta_cli.models.teacher import CLIPTeacher, file_fingerprint, load_teacher
+from uta_cli.recipe import StudentConfig
+
+# Checkpoint layout of contrastive tuning (meta.json "weights_layout"): in model.safetensors the
+# student's own keys (those of UTAStudent) sit under STUDENT_PREFIX; every key outside "visual."
+# belongs to the CLIP's text side (token embedding, transformer, ln_final, text_projection,
+# logit_scale, or "text." for open_clip's CustomTextCLIP).
+STUDENT_PREFIX = "visual.student."
+
+
+def text_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text side of a contrastive checkpoint's weights (everything outside `visual.`)."""
+    return {k: v for k, v in state.items() if not k.startswith("visual.")}
+
+
+def student_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The UTAStudent weights of a contrastive checkpoint (prefix removed)."""
+    return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+
+
+def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
+    """(student, teacher, meta) of a contrastive-tuning checkpoint (file or run directory): the
+    UTA student, and the verified teacher whose CLIP now carries the TUNED text tower and logit
+    scale, so zero-shot classification uses the text side that was trained with the student."""
+    folder = ckpt.resolve_checkpoint(ckpt_dir)
+    meta = ckpt.load_meta(folder)
+    if "text_tower" not in meta:
+        raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint without a tuned text "
+                            f"tower (not a contrastive-tuning checkpoint).")
+    state = ckpt.load_weights(folder)
+    student = UTAStudent(StudentConfig(**meta["student"]), int(meta["embed_dim"]))
+    student.load_state_dict(student_state_dict(state))
+    teacher = teacher_from_meta(meta, teacher_weights)
+    missing, unexpected = teacher.clip.load_state_dict(text_state_dict(state), strict=False)
+    missing = [k for k in missing if not k.startswith("visual.")]
+    if missing or unexpected:
+        raise UtaUsageError(f"The text tower in {folder} does not fit the teacher's CLIP "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    teacher.clip.eval().requires_grad_(False)
+    # the tuned text gives other class weights than the teacher's: keep them apart in the cache
+    teacher.text_fingerprint = file_fingerprint(os.path.join(folder, "model.safetensors"))
+    meta["checkpoint_dir"] = folder
+    return student.eval(), teacher, meta
+
+
+def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
+    """The teacher recorded in a checkpoint's meta.json, refused if it is not the same one.
+
+    weights_override: where the weights live now (a run directory moved to another machine).
+    The fingerprint, embed_dim and open_clip config must still match what training used.
+    A checkpoint tuned from a released UTA file gets that file's text tower instead (a
+    release.ReleaseTextTower: same clip/tokenizer/identity, no image tower).
+    """
+    recorded = meta.get("teacher")
+    if not recorded:
+        raise UtaUsageError("The checkpoint records no teacher; pass one explicitly.")
+    if recorded["model"].startswith("uta-release:"):  # tuned from a released file: its text
+        return text_tower_from_meta(recorded, weights_override)
+    model, weights = recorded["model"], recorded["weights"]
+    if weights_override:
+        if model.startswith("local-dir:"):
+            model = "local-dir:" + weights_override if os.path.isdir(weights_override) else model
+            weights = "" if os.path.isdir(weights_override) else weights_override
+        else:
+            weights = weights_override
+    elif model.startswith("local-dir:") and not os.path.isdir(model[len("local-dir:"):]):
+        if meta.get("converted_from") and meta.get("checkpoint_dir"):  # `uta convert` output
+            raise UtaUsageError(f"The converted checkpoint {meta['checkpoint_dir']} was moved: "
+                                f"it still names its open_clip folder by the old path. Re-point "
+                                f"it once with: uta repoint {meta['checkpoint_dir']}")
+        raise UtaUsageError(f"The checkpoint's teacher folder {model[len('local-dir:'):]} does "
+                            f"not exist here. Pass --teacher-weights with its new location.")
+    elif weights and not weights.startswith("local-dir:") and os.sep in weights and \
+            not os.path.exists(weights):
+        raise UtaUsageError(f"The checkpoint's teacher weights {weights} do not exist here. "
+                            f"Pass --teacher-weights with their new location.")
+    teacher = load_teacher(model, weights)
+    now = teacher.identity
+    problems = []
+    if now.embed_dim != recorded["embed_dim"]:
+        problems.append(f"embed_dim {now.embed_dim} != {recorded['embed_dim']}")
+    if recorded.get("weights_fingerprint") and \
+            now.weights_fingerprint != recorded["weights_fingerprint"]:
+        problems.append("different weights (fingerprint mismatch)")
+    if recorded.get("model_cfg") and now.model_cfg != recorded["model_cfg"]:
+        problems.append("different open_clip config (e.g. QuickGELU)")
+    if problems:
+        raise UtaUsageError(f"Teacher mismatch: the checkpoint was trained against "
+                            f"{recorded['model']} ({recorded['weights'] or 'folder'}), but the "
+                            f"teacher found has {', '.join(problems)}. Point --teacher-weights at "
+                            f"the teacher used for training.")
+    return teacher
+
+
+def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: str = ""
+                            ) -> tuple[UTAStudent, dict]:
+    """Rebuild the student of a uta checkpoint folder (or run directory) with its weights.
+
+    A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
+    meta then carries `bundled_text`, the release's own text tower (a ReleaseTextTower). A
+    contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, as
+    does an exported open_clip folder (uta export / uta convert) its own, so
+    zero-shot and export score the student with the text side it was tuned with;
+    teacher_weights says where that checkpoint's teacher lives now, if it moved.
+    """
+    if release.resolve_format(ckpt_dir, fmt) == "uta-release":
+        rel = release.load_release(ckpt_dir)
+        return rel.student, dict(rel.meta, bundled_text=rel.text_tower)
+    if fmt != "uta-release" and open_clip_folder.is_open_clip_folder(ckpt_dir):
+        student, text, meta = open_clip_folder.load_folder(ckpt_dir)  # its own text tower
+        return student, dict(meta, bundled_text=text)
+    folder = ckpt.resolve_checkpoint(ckpt_dir)
+    meta = ckpt.load_meta(folder)
+    if meta.get("task") == "uta-contrastive":
+        student, tuned, meta = tuned_clip_from_checkpoint(folder, teacher_weights)
+        return student, dict(meta, bundled_text=tuned)
+    if "student" not in meta or "embed_dim" not in meta:
+        raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
+    cfg = StudentConfig(**meta["student"])
+    model = UTAStudent(cfg, int(meta["embed_dim"]))
+    model.load_state_dict(fit_mask_token(ckpt.load_weights(folder), model))
+    meta["checkpoint_dir"] = folder
+    return model.eval(), meta
