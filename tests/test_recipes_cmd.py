@@ -59,7 +59,7 @@ def test_recipes_name_prints_the_resolved_yaml(tmp_path):
         assert bad.exit_code == 2 and "Traceback" not in bad.output, (args, bad.output)
 
 
-def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir):
+def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir, monkeypatch):
     images = tmp_path / "images"
     write_images(images, 16, size=36, classes=("cat", "dog", "eel"))
     run_dir = tmp_path / "run"
@@ -71,15 +71,23 @@ def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir):
     assert f"local-dir:{tiny_clip_dir}" in out
     assert "4x4 patches, 8 kept + CLS" in out and "M parameters with the head to 32-d" in out
     assert "a fresh run" in out and not run_dir.exists()
+    assert "metrics.jsonl" in out
     # what cannot be reached is exit 2, named
     for change, needle in ((f"data.source={tmp_path / 'nothere'}", "nothere"),
                            ("data.val_source=memory://nobucket/val-{0..3}.tar", "not reachable"),
                            ("teacher.model=ViT-B-16", "teacher.weights is not set"),
-                           (f"student.init={tmp_path / 'gone'}", "gone")):
+                           (f"student.init={tmp_path / 'gone'}", "gone"),
+                           ("train.report_to=[tensorbord]", "Did you mean 'tensorboard'?")):
         bad = cli("pretrain", "demo", "--dry-run", "--output-dir", run_dir,
                   *sets(base + [change]))
         assert bad.exit_code == 2, (change, bad.output)
         assert "".join(needle.split()) in "".join(bad.output.split()), (change, bad.output)
+    from uta_cli import tracking
+
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)
+    no_extra = cli("pretrain", "demo", "--dry-run", *sets(base + ["train.report_to=[aim]"]))
+    assert no_extra.exit_code == 2 and "uta[aim]" in no_extra.output
+    monkeypatch.undo()
     # after a run, the dry run says where it would resume
     assert cli("pretrain", "demo", "--output-dir", run_dir,
                *sets(base + ["schedule.steps=2", "train.checkpoint_every=2"])).exit_code == 0

@@ -177,6 +177,11 @@ def dry_run(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         if init and not init.startswith(("timm:", "open_clip:")) and not os.path.exists(init):
             raise UtaUsageError(f"init {init} does not exist.")
         rows["init"] = init or "random (the student section)"
+    from uta_cli import tracking
+
+    trackers = tracking.requested(recipe_to_dict(recipe))
+    tracking.check_installed(trackers)
+    rows["trackers"] = ", ".join(["metrics.jsonl", *trackers])
     s = recipe.schedule
     rows["schedule"] = (f"{s.steps} steps" if s.steps else f"{s.epochs} epochs") + \
         f", batch {recipe.data.batch_size} per process x {recipe.train.grad_accum} accumulation"
