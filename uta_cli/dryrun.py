@@ -39,12 +39,12 @@ def catalogue() -> list[tuple[str, str, str]]:
 
 
 def _exists(url: str) -> bool:
-    import fsspec
+    from uta_cli.io import url_to_fs
 
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = url_to_fs(url)
         return fs.exists(path)
-    except (ImportError, ValueError, OSError):
+    except (UtaUsageError, OSError):
         return False
 
 

@@ -45,7 +45,7 @@ from uta_cli.demo_data import TEMPLATES as DEMO_TEMPLATES
 from uta_cli.demo_data import demo_splits
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import cache_root
+from uta_cli.io import cache_root, is_local, url_to_fs
 from uta_cli.loading import (
     STUDENT_PREFIX,
     student_state_dict,
@@ -319,8 +319,8 @@ def open_caption_file(url: str, transform, seed: int) -> CaptionedImages:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UtaUsageError(f"Cannot read the caption file {url}: {e}") from None
     pairs = parse_captions(text, url.lower().rsplit(".", 1)[-1], url)
-    fs, path = fsspec.core.url_to_fs(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    fs, path = url_to_fs(url)
+    if is_local(fs):
         root = os.path.dirname(os.path.abspath(path))
         files = [os.path.normpath(os.path.join(root, img)) for img, _ in pairs]
         missing = [p for p in files if not os.path.isfile(p)]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import fsspec
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import atomic_path
 
 
 def local_path(path: str) -> str:
@@ -53,14 +54,8 @@ def open_output(path: str, mode: str = "w", **kwargs) -> Iterator:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise UtaUsageError(f"Cannot create the folder {parent}: {e}") from None
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 def upload(local: str, url: str) -> None:
