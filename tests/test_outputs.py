@@ -126,3 +126,23 @@ def test_run_directory_at_a_url_writes_latest_last_and_resumes_from_it(
     kept = {p.rsplit("/", 1)[-1] for p in fs.ls("/runs/remote/checkpoints", detail=False)}
     assert kept == {"latest", "step_00000004", "step_00000006"}  # keep_checkpoints: 2
     fs.rm("/runs/remote", recursive=True)
+
+
+def test_finetune_best_checkpoint_reaches_the_url(tmp_path):
+    from uta_cli.finetune import run_finetune
+    from uta_cli.recipe import load_recipe
+
+    fs = fsspec.filesystem("memory")
+    sets = {"data.source": "demo", "data.batch_size": 8, "data.num_workers": 0,
+            "demo.train_images": 64, "demo.val_images": 16, "data.val_samples": 0,
+            "schedule.steps": 4, "schedule.warmup_steps": 1, "train.precision": "fp32",
+            "train.checkpoint_every": 2, "train.val_every": 2, "init": "",
+            "finetune.zeroshot_head": False, "student.image_size": 32, "student.patch_size": 8,
+            "student.width": 32, "student.depth": 1, "student.heads": 2}
+    recipe = load_recipe("finetune_demo", [f"{k}={v}" for k, v in sets.items()])
+    summary = run_finetune(recipe, output_dir="memory://runs/ft", resume="auto")
+    best = json.loads(fs.cat("/runs/ft/checkpoints/best/meta.json"))
+    assert best["best"]["step"] == summary["best"]["step"]
+    assert fs.exists("/runs/ft/checkpoints/best/model.safetensors")
+    assert fs.cat("/runs/ft/checkpoints/latest").decode().strip() == "step_00000004"
+    fs.rm("/runs/ft", recursive=True)

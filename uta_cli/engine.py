@@ -263,6 +263,11 @@ class Engine:
         # Directories cannot be replaced in one rename: move the old one aside first, so that
         # some complete best checkpoint exists at every moment (_load_best reads either).
         replace(tmp, self.best_dir, aside=self.best_dir + ".old")
+        from uta_cli.outputs import mirror_of
+
+        mirror = mirror_of(self.run_dir)
+        if mirror is not None:  # a run directory at a URL
+            mirror.push_best(self.best_dir)
         self.log_metrics({"event": "best", "step": step, "epoch": epoch,
                           self.cfg.best_metric: value})
 

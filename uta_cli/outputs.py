@@ -124,6 +124,13 @@ class RunMirror:
                 self.fs.get_file(entry, os.path.join(self.staging, base))
         with open(os.path.join(self.staging, "checkpoints", "latest"), "w") as f:
             f.write(name + "\n")
+        best = self._remote("checkpoints/best")
+        if self.fs.exists(f"{best}/meta.json"):  # a resumed run keeps competing with it
+            os.makedirs(os.path.join(self.staging, "checkpoints", "best"))
+            for remote_file in self.fs.ls(best, detail=False):
+                base = remote_file.rstrip("/").rsplit("/", 1)[-1]
+                self.fs.get_file(remote_file,
+                                 os.path.join(self.staging, "checkpoints", "best", base))
 
     def push_logs(self) -> None:
         if not os.path.isdir(self.staging):
@@ -132,6 +139,15 @@ class RunMirror:
             path = os.path.join(self.staging, base)
             if os.path.isfile(path) and (base == "metrics.jsonl" or base.endswith(".yaml")):
                 self.fs.put_file(path, self._remote(base))
+
+    def push_best(self, folder: str) -> None:
+        """checkpoints/best (evaluation and export only; resuming uses `latest`): its files
+        replace the previous best's, meta.json last."""
+        files = sorted(os.listdir(folder), key=lambda n: n == "meta.json")
+        for name in files:
+            if os.path.isfile(os.path.join(folder, name)):
+                self.fs.put_file(os.path.join(folder, name),
+                                 self._remote(f"checkpoints/best/{name}"))
 
     def push_checkpoint(self, folder: str) -> None:
         """The checkpoint's files, then the logs, then `latest`; then old remote checkpoints
