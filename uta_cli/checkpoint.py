@@ -29,6 +29,12 @@ from uta_cli import io
 from uta_cli.errors import UtaUsageError
 
 LATEST = "latest"
+# meta.json's "meta_schema": the version of the fields a checkpoint's meta holds. Version 1 is
+# the first versioned format; a meta without the field is version 1. A field added later gets a
+# new version and its default in META_DEFAULTS, so checkpoints written before it keep loading.
+META_SCHEMA = 1
+# Fields of version 1 that runs written before they existed lack, with the value those runs used.
+META_DEFAULTS: dict = {"objective": "uta"}
 log = logging.getLogger(__name__)
 
 
@@ -163,7 +169,11 @@ def load_meta(ckpt: str) -> dict:
         raise _damaged(path, "not valid JSON", e) from None
     if not isinstance(meta, dict):
         raise UtaUsageError(f"{path} is not a uta checkpoint's meta.json (a JSON object).")
-    return meta
+    schema = meta.get("meta_schema", 1)
+    if not isinstance(schema, int) or not 1 <= schema <= META_SCHEMA:
+        raise UtaUsageError(f"{path} has meta_schema {schema!r}, newer than this uta reads "
+                            f"(up to {META_SCHEMA}). Upgrade uta (pip install -U uta) to load it.")
+    return {**META_DEFAULTS, **meta, "meta_schema": schema}
 
 
 def load_weights(ckpt: str) -> dict[str, torch.Tensor]:

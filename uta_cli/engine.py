@@ -228,8 +228,9 @@ class Engine:
 
     def _write_meta_and_extra(self, task: Task, folder: str, step: int, epoch: int,
                               **extra_meta: Any) -> None:
-        meta = {"uta_version": __version__, "step": step, "epoch": epoch, "task": task.name,
-                "recipe": self.cfg.recipe, **task.checkpoint_meta(), **extra_meta}
+        meta = {"uta_version": __version__, "meta_schema": ckpt.META_SCHEMA, "step": step,
+                "epoch": epoch, "task": task.name, "recipe": self.cfg.recipe,
+                **task.checkpoint_meta(), **extra_meta}
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
         save_extra = getattr(task, "save_extra", None)
