@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from uta_cli import checkpoint as ckpt
 from uta_cli.engine import Engine
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+from uta_cli.loading import load_model, student_from_checkpoint, teacher_from_meta
 
 V1 = pathlib.Path(__file__).parent / "data" / "checkpoint_v1"
 
@@ -79,3 +79,12 @@ def test_the_engine_writes_the_current_schema(tmp_path):
     Engine._write_meta_and_extra(engine, task, str(tmp_path), step=3, epoch=0)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["meta_schema"] == ckpt.META_SCHEMA and meta["step"] == 3
+
+
+def test_load_model_types_a_plain_checkpoint(tmp_path):
+    loaded = load_model(str(V1))
+    assert loaded.source == "checkpoint" and loaded.text is None
+    assert loaded.meta["checkpoint_dir"] == str(V1)
+    # no text of its own: the recorded teacher's, found where it lives now
+    text = loaded.text_tower(write_clip_folder(tmp_path / "clip"))
+    assert text.identity.weights_fingerprint == loaded.meta["teacher"]["weights_fingerprint"]

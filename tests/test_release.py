@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import student_from_checkpoint
+from uta_cli.loading import load_model
 from uta_cli.models import release as R
 from uta_cli.models.student import UTAStudent
 
@@ -289,8 +289,10 @@ def test_vision_and_text_forwards_equal_the_format_equations(tiny_file):
 
 
 def test_meta_records_the_authors_preprocessing(tiny_file):
-    _, meta = student_from_checkpoint(tiny_file)
-    assert meta["format"] == "uta-release" and "bundled_text" in meta
+    loaded = load_model(tiny_file)
+    meta = loaded.meta
+    assert loaded.meta["format"] == "uta-release" and loaded.source == "uta-release"
+    assert loaded.text is not None and loaded.text_tower() is loaded.text
     assert meta["task"] == "uta-alignment"  # what uta finetune accepts as a UTA start
     assert meta["student_preprocess"] == {"size": 32, "mean": R.OPENAI_MEAN,
                                           "std": R.OPENAI_STD, "interpolation": "bicubic"}

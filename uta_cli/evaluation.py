@@ -694,15 +694,16 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
     plus the verified teacher whose text tower scores both. A released UTA file brings its own
     text tower, which takes the teacher's place."""
-    from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+    from uta_cli.loading import load_model, teacher_from_meta
 
-    student, meta = student_from_checkpoint(ckpt_dir, ckpt_format, teacher_weights)
-    if "bundled_text" in meta:
-        teacher = meta.pop("bundled_text").to(device, precision)
+    loaded = load_model(ckpt_dir, ckpt_format, teacher_weights)
+    student, meta = loaded.student, loaded.meta
+    if loaded.text is not None:
+        teacher = loaded.text.to(device, precision)
         if with_teacher and teacher.kind == "release":
             raise UtaUsageError(f"{ckpt_dir} was tuned from a released UTA file, which has no "
                                 f"CLIP image tower to compare with. Drop --teacher.")
-        if with_teacher and meta.get("format") == "open-clip-folder":
+        if with_teacher and loaded.source == "open-clip-folder":
             raise UtaUsageError(f"{ckpt_dir} is an exported open_clip folder: its image tower "
                                 f"is the student, there is no teacher to compare with.")
     else:

@@ -574,13 +574,14 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
         templates = resolve_templates(opts.templates)[1]  # the same prompts as `uta zeroshot`
     output = os.path.abspath(opts.output)
 
-    from uta_cli.loading import student_from_checkpoint
+    from uta_cli.loading import load_model
 
-    student, meta = student_from_checkpoint(opts.ckpt, opts.ckpt_format, opts.teacher_weights)
+    loaded = load_model(opts.ckpt, opts.ckpt_format, opts.teacher_weights)
+    student, meta = loaded.student, loaded.meta
     student.requires_grad_(False)
     teacher = classifier = None
-    if "bundled_text" in meta:  # a released UTA file: its own text tower, no CLIP teacher
-        teacher = meta.pop("bundled_text")
+    if loaded.text is not None:  # the checkpoint's own text tower (a release has no CLIP teacher)
+        teacher = loaded.text
     elif kind == "classifier" or fmt in CLIP_FORMATS:
         from uta_cli.loading import teacher_from_meta
 

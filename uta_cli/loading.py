@@ -8,13 +8,14 @@ Above models/ and checkpoint.py, below the tasks and workflows that use it.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
 from uta_cli.models import open_clip_folder, release
-from uta_cli.models.release import text_tower_from_meta
+from uta_cli.models.release import ReleaseTextTower, text_tower_from_meta
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import CLIPTeacher, file_fingerprint, load_teacher
 from uta_cli.recipe import StudentConfig
@@ -110,32 +111,53 @@ def teacher_from_meta(meta: dict, weights_override: str = "") -> CLIPTeacher:
     return teacher
 
 
-def student_from_checkpoint(ckpt_dir: str, fmt: str = "auto", teacher_weights: str = ""
-                            ) -> tuple[UTAStudent, dict]:
-    """Rebuild the student of a uta checkpoint folder (or run directory) with its weights.
+@dataclass
+class LoadedModel:
+    """A UTA student rebuilt from any checkpoint kind, with what it was trained against.
 
-    A released UTA file (uta_*.pt) is detected (fmt "auto") or forced (fmt "uta-release"); its
-    meta then carries `bundled_text`, the release's own text tower (a ReleaseTextTower). A
-    contrastive-tuning checkpoint likewise carries its tuned text tower (a CLIPTeacher) there, as
-    does an exported open_clip folder (uta export / uta convert) its own, so
-    zero-shot and export score the student with the text side it was tuned with;
-    teacher_weights says where that checkpoint's teacher lives now, if it moved.
+    text: the text side that belongs to the student when the checkpoint carries its own (a
+    released file's text tower, a contrastive run's tuned one, an exported open_clip folder's);
+    None when the recorded teacher's text tower is the one to use (`text_tower()` loads it).
     """
-    if release.resolve_format(ckpt_dir, fmt) == "uta-release":
-        rel = release.load_release(ckpt_dir)
-        return rel.student, dict(rel.meta, bundled_text=rel.text_tower)
-    if fmt != "uta-release" and open_clip_folder.is_open_clip_folder(ckpt_dir):
-        student, text, meta = open_clip_folder.load_folder(ckpt_dir)  # its own text tower
-        return student, dict(meta, bundled_text=text)
-    folder = ckpt.resolve_checkpoint(ckpt_dir)
+
+    student: UTAStudent
+    meta: dict  # the checkpoint's meta.json (schema defaults filled), checkpoint_dir included
+    source: str  # "checkpoint", "contrastive", "uta-release" or "open-clip-folder"
+    text: CLIPTeacher | ReleaseTextTower | None = None
+
+    def text_tower(self, teacher_weights: str = "") -> CLIPTeacher | ReleaseTextTower:
+        """The text side that scores this student: its own, else the verified teacher's."""
+        return self.text if self.text is not None else teacher_from_meta(self.meta,
+                                                                         teacher_weights)
+
+
+def load_model(path: str, fmt: str = "auto", teacher_weights: str = "") -> LoadedModel:
+    """Any checkpoint as a LoadedModel: a run directory or checkpoint folder, a contrastive-tuning
+    run, a released UTA file (uta_*.pt, detected with fmt "auto" or forced with "uta-release"),
+    or an exported open_clip folder (uta export / uta convert). teacher_weights: where a
+    contrastive run's teacher lives now, if it moved."""
+    if release.resolve_format(path, fmt) == "uta-release":
+        rel = release.load_release(path)
+        return LoadedModel(rel.student, rel.meta, "uta-release", rel.text_tower)
+    if fmt != "uta-release" and open_clip_folder.is_open_clip_folder(path):
+        student, text, meta = open_clip_folder.load_folder(path)
+        return LoadedModel(student, meta, "open-clip-folder", text)
+    folder = ckpt.resolve_checkpoint(path)
     meta = ckpt.load_meta(folder)
     if meta.get("task") == "uta-contrastive":
         student, tuned, meta = tuned_clip_from_checkpoint(folder, teacher_weights)
-        return student, dict(meta, bundled_text=tuned)
+        return LoadedModel(student, meta, "contrastive", tuned)
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
     cfg = StudentConfig(**meta["student"])
     model = UTAStudent(cfg, int(meta["embed_dim"]))
     model.load_state_dict(fit_mask_token(ckpt.load_weights(folder), model))
     meta["checkpoint_dir"] = folder
-    return model.eval(), meta
+    return LoadedModel(model.eval(), meta, "checkpoint")
+
+
+def student_from_checkpoint(path: str, fmt: str = "auto", teacher_weights: str = ""
+                            ) -> tuple[UTAStudent, dict]:
+    """(student, meta) of load_model: the short form for notebooks and tests."""
+    loaded = load_model(path, fmt, teacher_weights)
+    return loaded.student, loaded.meta
