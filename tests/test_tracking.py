@@ -99,3 +99,55 @@ def test_a_tracker_that_is_not_installed_is_exit_2_naming_the_extra(tmp_path, ti
     bad = pretrain(tmp_path / "b", tiny_overrides(tiny_clip_dir, steps=2, **{
         "train.report_to": "[tensorbord]"}))
     assert bad.exit_code == 2 and "tensorboard" in bad.output
+
+
+
+def wandb_records(path):
+    """The protobuf records of an offline .wandb file: a 7-byte W&B header, then LevelDB log
+    blocks of 32 KiB whose records (4-byte CRC, 2-byte length, 1-byte type) may span blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    out, part, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        if (pos % 32768) + 7 > 32768:  # too little room left for a header: skip to next block
+            pos = (pos // 32768 + 1) * 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0 and length == 0:
+            break
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            out.append(record)
+            part = b""
+    return out
+
+
+def test_wandb_offline_keeps_the_run_in_the_run_directory(tmp_path, tiny_clip_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sets = tiny_overrides(tiny_clip_dir, steps=3, **{"train.report_to": "[wandb]"})
+    result = pretrain(tmp_path, sets)
+    assert result.exit_code == 0, result.output
+    steps = [r for r in records(tmp_path) if "event" not in r]
+    (run,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    logged, config, finished = {}, {}, False
+    for record in wandb_records(run):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in record.history.item}
+            if "train/loss" in items:
+                logged[items["_step"]] = items["train/loss"]
+        elif kind == "config":
+            config.update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                           for i in record.config.update})
+        elif kind == "exit":  # written by finish: the run is complete before the process ends
+            finished = True
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in steps}, rel=1e-6)
+    assert config["schedule.steps"] == 3 and config["train.report_to"] == '["wandb"]'
+    assert finished

@@ -319,6 +319,13 @@ class Engine:
         if not resumed or not os.path.isfile(first):
             atomic_write_text(first, text)
 
+    def close(self) -> None:
+        """Finish the trackers (a wandb run is complete on disk only once finished). Workflows
+        call it after their last record, which may come after fit (the demo's zero-shot)."""
+        if self.trackers is not None:
+            self.trackers.finish()
+            self.trackers = None
+
     def fit(self, task: Task, resume: str = "auto", label: str = "train",
             allow_changes: Sequence[str] = ()) -> dict[str, Any]:
         """Train `task` to the end of its schedule. `allow_changes`: recipe keys that may differ

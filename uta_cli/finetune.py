@@ -725,6 +725,7 @@ def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
             engine.log_metrics({"event": "reference", "step": result["step"],
                                 **summary["reference"]})
         report(recipe, summary, console)
+    engine.close()
     acc.wait_for_everyone()
     return summary
 

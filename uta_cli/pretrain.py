@@ -199,6 +199,7 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         summary["zeroshot"] = demo_zeroshot_report(result["model"], teacher, views, demo_val,
                                                    engine, result["step"], console,
                                                    recipe.objective)
+    engine.close()
     acc.wait_for_everyone()
     return summary
 
