@@ -51,7 +51,6 @@ WORKFLOW_SIBLING_IMPORTS = {
     ("uta_cli.pretrain", "uta_cli.evaluation"),
     ("uta_cli.finetune", "uta_cli.evaluation"),
     ("uta_cli.inference", "uta_cli.evaluation"),
-    ("uta_cli.inference", "uta_cli.export"),  # read_classnames
     ("uta_cli.export", "uta_cli.hub"),  # the hf-hub format writer
 }
 

@@ -248,25 +248,6 @@ def require_onnx(verify: bool) -> None:
             f"onnxruntime onnxscript).")
 
 
-def read_classnames(path: str) -> list[str]:
-    """One class name a line; blank lines and lines starting with # are skipped."""
-    if not path:
-        raise UtaUsageError("--output-kind classifier needs --classnames FILE (one class name a "
-                            "line), e.g. --classnames classes.txt")
-    if not os.path.isfile(path):
-        raise UtaUsageError(f"--classnames file not found: {path}. Give a text file with one "
-                            f"class name a line.")
-    with open(path, encoding="utf-8") as f:
-        names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    if not names:
-        raise UtaUsageError(f"--classnames file {path} holds no class names (one a line).")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UtaUsageError(f"--classnames file {path} repeats {', '.join(dupes[:5])}; each class "
-                            f"must appear once, or its logits column is ambiguous.")
-    return names
-
-
 def check_options(opts: ExportOptions) -> tuple[str, str, float]:
     """Everything that can be refused before a model is loaded; returns (format, kind, atol)."""
     fmt = _choice(opts.format, FORMATS, "--format")
@@ -568,9 +549,9 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     fmt, kind, atol = check_options(opts)
     classnames = templates = None
     if kind == "classifier":
-        classnames = read_classnames(opts.classnames)
-        from uta_cli.zeroshot import resolve_templates
+        from uta_cli.zeroshot import read_classnames, resolve_templates
 
+        classnames = read_classnames(opts.classnames)
         templates = resolve_templates(opts.templates)[1]  # the same prompts as `uta zeroshot`
     output = os.path.abspath(opts.output)
 

@@ -193,7 +193,7 @@ def parse_labels(labels: str, classnames_file: str) -> list[str]:
         raise UtaUsageError('Give the candidate labels with --labels "a cat,a dog" or '
                             '--classnames FILE (one a line), one of the two.')
     if classnames_file:
-        from uta_cli.export import read_classnames
+        from uta_cli.zeroshot import read_classnames
 
         return read_classnames(classnames_file)
     names = [s.strip() for s in labels.split(",") if s.strip()]

@@ -51,6 +51,25 @@ def template_strings(templates: Sequence) -> list[str]:
     return out
 
 
+def read_classnames(path: str) -> list[str]:
+    """One class name a line; blank lines and lines starting with # are skipped."""
+    if not path:
+        raise UtaUsageError("--output-kind classifier needs --classnames FILE (one class name a "
+                            "line), e.g. --classnames classes.txt")
+    if not os.path.isfile(path):
+        raise UtaUsageError(f"--classnames file not found: {path}. Give a text file with one "
+                            f"class name a line.")
+    with open(path, encoding="utf-8") as f:
+        names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not names:
+        raise UtaUsageError(f"--classnames file {path} holds no class names (one a line).")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UtaUsageError(f"--classnames file {path} repeats {', '.join(dupes[:5])}; each class "
+                            f"must appear once, or its logits column is ambiguous.")
+    return names
+
+
 def read_text_lines(path: str, what: str) -> list[str]:
     """Non-empty, stripped lines of a local or fsspec text file."""
     import fsspec
