@@ -41,11 +41,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 # Workflows that still import a sibling workflow. Known debts, not permissions: a new one fails
 # test_workflows_do_not_import_each_other, and so does an entry here that no longer exists.
 WORKFLOW_SIBLING_IMPORTS = {
-    # the demo teacher (trained once, cached) is built by the demo workflow; pretrain, finetune
-    # and the dry run ask for it
+    # the demo teacher (trained once, cached) is built by the demo workflow; pretrain and
+    # finetune ask for it
     ("uta_cli.pretrain", "uta_cli.demo"),
     ("uta_cli.finetune", "uta_cli.demo"),
-    ("uta_cli.dryrun", "uta_cli.demo"),
     # zero-shot while training (TrainingZeroShot), caption parsing and model encoders live in
     # evaluation.py, which is still to be split into datasets/captions and the run loop
     ("uta_cli.pretrain", "uta_cli.evaluation"),

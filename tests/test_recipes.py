@@ -27,7 +27,7 @@ from conftest import write_images
 from eva_teachers import SHRUNK_NAMES, shrunk_teacher_folder, write_open_clip_folder
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.demo import TEACHER_MODEL_CFG
+from uta_cli.demo_data import TEACHER_MODEL_CFG
 from uta_cli.recipe import builtin_recipe_names, load_recipe
 
 RECIPES = builtin_recipe_names()

@@ -8,9 +8,7 @@ loads through the same teacher path as any real CLIP. An interrupted build resum
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
 import shutil
 
@@ -29,28 +27,24 @@ from uta_cli.data import (
     View,
     normalize,
 )
-from uta_cli.demo_data import CLASSNAMES, IMAGE_SIZE, TEMPLATES, DemoSplit, demo_splits
+from uta_cli.demo_data import (
+    CLASSNAMES,
+    IMAGE_SIZE,
+    TEACHER_MODEL_CFG,
+    TEMPLATES,
+    DemoSplit,
+    demo_splits,
+    demo_teacher_folder,
+)
 from uta_cli.engine import Engine, EngineConfig
-from uta_cli.io import cache_root, replace
+from uta_cli.io import replace
 from uta_cli.recipe import DemoConfig
 from uta_cli.tasks.contrastive import ContrastiveTask
 from uta_cli.zeroshot import build_classifier, evaluate
 
-# Measured on 2 CPU cores: patch 8 on 32 px learns colour and shape (patch 4 was 3x slower and
-# learned only colour), and an initial logit scale of 50 instead of CLIP's 14 reaches 0.9 top-1
-# in a few hundred steps instead of stalling at the colour-only plateau.
-TEACHER_MODEL_CFG = {
-    "embed_dim": 64,
-    "init_logit_scale": math.log(50.0),
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 128, "head_width": 32,
-                   "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4,
-                 "layers": 2},
-}
 TEACHER_PREPROCESS = {"size": IMAGE_SIZE, "mean": list(open_clip.OPENAI_DATASET_MEAN),
                       "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
                       "resize_mode": "shortest"}
-_CACHE_VERSION = 1
 
 
 def teacher_view() -> View:
@@ -75,16 +69,9 @@ def zeroshot_demo(encode_image, clip: torch.nn.Module, tokenizer, split: DemoSpl
     return evaluate(encode_image, batches, classifier)
 
 
-def _cache_key(cfg: DemoConfig) -> str:
-    payload = json.dumps({"v": _CACHE_VERSION, "model": TEACHER_MODEL_CFG,
-                          "demo": dataclasses.asdict(cfg)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
 def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) -> str:
     """Path of the cached demo teacher folder; trains it first if needed (all ranks join)."""
-    key = _cache_key(cfg)
-    final = os.path.join(cache_root(), f"demo-teacher-{key}")
+    final = demo_teacher_folder(cfg)
     if os.path.isfile(os.path.join(final, "open_clip_model.safetensors")):
         return final
     say(f"Building the demo teacher (once; cached in {final}): a small CLIP trained "
@@ -115,7 +102,7 @@ def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) ->
         min_lr=cfg.teacher_lr * 0.01, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6,
         grad_clip=1.0, steps=cfg.teacher_steps, warmup_steps=min(50, cfg.teacher_steps // 10),
         log_every=50, checkpoint_every=200, keep_checkpoints=1)
-    build_dir = os.path.join(cache_root(), f".build-demo-teacher-{key}")
+    build_dir = os.path.join(os.path.dirname(final), ".build-" + os.path.basename(final))
     os.makedirs(build_dir, exist_ok=True)
     result = Engine(engine_cfg, accelerator, build_dir).fit(task, resume="auto",
                                                             label="demo teacher")

@@ -7,9 +7,17 @@ must read both the colour and the shape from the text to classify.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from uta_cli.io import cache_root
+from uta_cli.recipe import DemoConfig
 
 COLOURS = {"red": (0.90, 0.15, 0.15), "green": (0.15, 0.80, 0.20),
            "blue": (0.15, 0.30, 0.95), "yellow": (0.95, 0.85, 0.10)}
@@ -18,6 +26,28 @@ CLASSNAMES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 TEMPLATES = ("a photo of a {c}.", "a {c} on a noisy background.", "an image of a {c}.",
              "a drawing of a {c}.")
 IMAGE_SIZE = 32
+
+
+# Measured on 2 CPU cores: patch 8 on 32 px learns colour and shape (patch 4 was 3x slower and
+# learned only colour), and an initial logit scale of 50 instead of CLIP's 14 reaches 0.9 top-1
+# in a few hundred steps instead of stalling at the colour-only plateau.
+TEACHER_MODEL_CFG = {
+    "embed_dim": 64,
+    "init_logit_scale": math.log(50.0),
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 128, "head_width": 32,
+                   "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4,
+                 "layers": 2},
+}
+_CACHE_VERSION = 1
+
+
+def demo_teacher_folder(cfg: DemoConfig) -> str:
+    """Where the demo teacher for `cfg` is cached (uta_cli.demo trains it there once)."""
+    payload = json.dumps({"v": _CACHE_VERSION, "model": TEACHER_MODEL_CFG,
+                          "demo": dataclasses.asdict(cfg)}, sort_keys=True)
+    key = hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return os.path.join(cache_root(), f"demo-teacher-{key}")
 
 
 @dataclass

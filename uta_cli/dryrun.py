@@ -80,10 +80,9 @@ def describe_teacher(recipe: Recipe) -> tuple[str, int | None]:
     """(what and where the teacher is, its embedding size when known without loading it)."""
     model, weights = recipe.teacher.model, recipe.teacher.weights
     if weights == "demo":
-        from uta_cli.demo import _cache_key
-        from uta_cli.io import cache_root
+        from uta_cli.demo_data import demo_teacher_folder
 
-        folder = os.path.join(cache_root(), f"demo-teacher-{_cache_key(recipe.demo)}")
+        folder = demo_teacher_folder(recipe.demo)
         state = f"cached in {folder}" if os.path.isdir(folder) else \
             f"not cached yet: trained first ({recipe.demo.teacher_steps} steps), then cached"
         model, where = "local-dir:" + folder, state
