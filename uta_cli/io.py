@@ -73,20 +73,22 @@ def atomic_write_json(path: str, data, indent: int = 1, final_newline: bool = Tr
 # fsspec paths
 
 
-def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(url: str, writing: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's url_to_fs, with a missing backend or unknown protocol turned into usage errors."""
     try:
         return fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        raise UtaUsageError(
-            f"Reading {url!r} needs an fsspec backend that is not installed ({e}). Install it, "
-            "for example `pip install 'uta[s3]'` for s3:// or `pip install 'uta[gcs]'` for gs://."
-        ) from None
-    except ValueError as e:
-        raise UtaUsageError(
-            f"Cannot read {url!r}: {e}. Use a local path or an fsspec URL such as "
-            "s3://bucket/prefix, gs://bucket/prefix or memory://path."
-        ) from None
+    except (ImportError, ValueError) as e:
+        if writing:
+            message = (f"Cannot write to {url}: {e}. Object stores need their fsspec package "
+                       f"(pip install 'uta[s3]' or 'uta[gcs]').")
+        elif isinstance(e, ImportError):
+            message = (f"Reading {url!r} needs an fsspec backend that is not installed ({e}). "
+                       "Install it, for example `pip install 'uta[s3]'` for s3:// or "
+                       "`pip install 'uta[gcs]'` for gs://.")
+        else:
+            message = (f"Cannot read {url!r}: {e}. Use a local path or an fsspec URL such as "
+                       "s3://bucket/prefix, gs://bucket/prefix or memory://path.")
+        raise UtaUsageError(message) from None
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import fsspec
 
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import atomic_path
+from uta_cli.io import atomic_path, url_to_fs
 
 
 def local_path(path: str) -> str:
@@ -29,11 +29,7 @@ def is_remote(path: str) -> bool:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:  # unknown protocol, missing s3fs/gcsfs
-        raise UtaUsageError(f"Cannot write to {url}: {e}. Object stores need their fsspec "
-                            f"package (pip install 'uta[s3]' or 'uta[gcs]').") from None
+    return url_to_fs(url, writing=True)
 
 
 @contextlib.contextmanager
