@@ -39,15 +39,9 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from uta_cli.data import EvalTransform
-from uta_cli.evaluation import (
-    Encoder,
-    classify_shard,
-    eval_view,
-    merge_classification,
-    resolve_dataset,
-    resolve_precision,
-    shard_loader,
-)
+from uta_cli.encoders import Encoder, eval_view, resolve_precision
+from uta_cli.eval_datasets import resolve_dataset
+from uta_cli.evaluation import classify_shard, merge_classification, shard_loader
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import StudentConfig

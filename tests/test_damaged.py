@@ -186,11 +186,11 @@ def test_out_of_memory_in_training_names_the_knobs_and_keeps_the_checkpoint(
 
 
 def test_out_of_memory_in_evaluation_names_batch_size(good_run, monkeypatch):
-    from uta_cli import evaluation
+    from uta_cli import encoders
 
     def oom(self, images):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    monkeypatch.setattr(evaluation.StudentEncoder, "__call__", oom)
+    monkeypatch.setattr(encoders.StudentEncoder, "__call__", oom)
     assert_clean_failure(cli("zeroshot", "--ckpt", good_run[0], *ZS), 1, "out of memory",
                          "--batch-size (now 4)")

@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("workflows", ("uta_cli.pretrain", "uta_cli.finetune", "uta_cli.evaluation",
                    "uta_cli.export", "uta_cli.hub", "uta_cli.inspect_mask", "uta_cli.demo",
                    "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot")),
-    ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe")),
+    ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
+               "uta_cli.eval_datasets", "uta_cli.encoders")),
     ("loading", ("uta_cli.loading", "uta_cli.checkpoint", "uta_cli.data", "uta_cli.datasets",
                  "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
     ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",
@@ -45,11 +46,8 @@ WORKFLOW_SIBLING_IMPORTS = {
     # finetune ask for it
     ("uta_cli.pretrain", "uta_cli.demo"),
     ("uta_cli.finetune", "uta_cli.demo"),
-    # zero-shot while training (TrainingZeroShot), caption parsing and model encoders live in
-    # evaluation.py, which is still to be split into datasets/captions and the run loop
+    # zero-shot while training (TrainingZeroShot) shares the run loop's classify_shard
     ("uta_cli.pretrain", "uta_cli.evaluation"),
-    ("uta_cli.finetune", "uta_cli.evaluation"),
-    ("uta_cli.inference", "uta_cli.evaluation"),
     ("uta_cli.export", "uta_cli.hub"),  # the hf-hub format writer
 }
 

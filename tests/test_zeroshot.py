@@ -23,17 +23,14 @@ from typer.testing import CliRunner
 
 from uta_cli.app import app
 from uta_cli.data import EvalTransform
+from uta_cli.encoders import build_encoders, resolve_precision
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_datasets import parse_captions, resolve_dataset, resolve_eval_templates
 from uta_cli.evaluation import (
-    build_encoders,
     classify_shard,
     merge_classification,
     merge_retrieval,
     obtain_classifier,
-    parse_captions,
-    resolve_dataset,
-    resolve_eval_templates,
-    resolve_precision,
     retrieval_shard,
     shard_loader,
 )
@@ -442,7 +439,7 @@ def test_templates_classnames_and_precision_resolution(setup, tmp_path):
     assert resolve_dataset(setup["data"], classnames_file=str(names)).classnames[5] == "class 5"
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    from uta_cli.evaluation import native_bf16
+    from uta_cli.encoders import native_bf16
 
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
 

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import fsspec
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -37,32 +34,35 @@ from torch.utils.data import DataLoader
 from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
 from uta_cli.data import (
-    RESIZE_MODES,
-    ArrayImageDataset,
     EvalTransform,
     View,
-    detect_format,
     normalize,
 )
 from uta_cli.datasets import (
-    TAR_SUFFIXES,
-    ImageFolderDataset,
     ImageFolderIndex,
     TarShardDataset,
     collate_skip_none,
-    expand_shard_urls,
-    folder_classname,
-    index_image_folder,
-    match_classnames,
+)
+from uta_cli.encoders import (
+    PRECISIONS,
+    Encoder,
+    build_encoders,
+    eval_view,
+    resolve_precision,
+    text_encoder,
 )
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import cache_root, is_local, url_to_fs
+from uta_cli.eval_datasets import (
+    EvalSet,
+    resolve_dataset,
+    resolve_eval_templates,
+)
+from uta_cli.io import cache_root
 from uta_cli.progress import progress_bar
 from uta_cli.zeroshot import (
     RECALL_KS,
     TEXT_CONTEXTS,
     Predictions,
-    TextEncoder,
     assemble_classifier,
     class_batches,
     classification_metrics,
@@ -71,11 +71,8 @@ from uta_cli.zeroshot import (
     encode_texts,
     load_cached_classifier,
     merge_by_id,
-    read_text_lines,
-    resolve_templates,
     retrieval_metrics,
     save_cached_classifier,
-    template_strings,
     zero_shot_logits,
 )
 
@@ -85,20 +82,6 @@ if TYPE_CHECKING:
     from uta_cli.models.teacher import CLIPTeacher
 
 TASKS = ("classification", "retrieval", "linear-probe")
-PRECISIONS = ("auto", "bf16", "fp32")
-_CAPTION_FILES = ("captions.json", "captions.csv", "captions.tsv")
-_IMAGE_KEYS = ("image", "filename", "file_name", "file", "filepath", "image_path", "path")
-_CAPTION_KEYS = ("captions", "caption", "texts", "text", "sentences")
-_RESAMPLING = ("bicubic", "bilinear", "nearest")
-_CLASSES_LAYOUT = ("uta zeroshot reads the 'classes' layout: ROOT/<class name>/<image>, one "
-                   "sub-folder per class (class names from the folder names, underscores as "
-                   "spaces, or from --classnames).")
-_CAPTIONS_HELP = (
-    "Expected: a folder of images plus captions.json, a list of {\"image\": \"a.jpg\", "
-    "\"captions\": [\"...\", \"...\"]} (or {\"a.jpg\": [\"...\"]}, or COCO's images + "
-    "annotations), or captions.csv / .tsv with a header and columns image,caption (one row per "
-    "caption; several rows per image). Image paths are relative to --data-dir, else to the "
-    "captions file's folder.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,579 +140,6 @@ def check_options(opts: ZeroShotOptions) -> None:
     if opts.task == "retrieval" and (opts.templates or opts.classnames):
         raise UtaUsageError("--templates and --classnames apply to --task classification; "
                             "retrieval scores the captions themselves.")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware here (AMX or AVX512-BF16 on CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(torch.cpu, probe, None)  # private probes: absent means "don't know"
-        with contextlib.suppress(Exception):
-            if fn is not None and fn():
-                return True
-    return False
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """'auto' is bf16 where the hardware has bf16 (GPUs, CPUs with AMX/AVX512-BF16), else fp32.
-
-    Measured on a 2-core AVX512 CPU without BF16 (ViT-B/16, 224 px, batch 8): the student ran
-    2.4 img/s in fp32, 0.67 with bf16 autocast and 0.68 with bf16 weights; the open_clip teacher
-    1.24 in fp32 and 0.46 with bf16 weights. Emulated bf16 is 2-3x slower there.
-    """
-    if requested not in PRECISIONS:
-        raise UtaUsageError(f"--precision {requested!r} is not one of: {', '.join(PRECISIONS)}.")
-    if requested == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return requested
-
-
-# --------------------------------------------------------------------------------------------
-# datasets
-
-
-@dataclass
-class EvalSet:
-    """A resolved evaluation dataset: where the images are, and the class names or captions."""
-
-    name: str
-    kind: str  # imagenet | folder | tar | wds (CLIP_benchmark's layout) | demo | captions
-    location: str
-    classnames: list[str] = field(default_factory=list)
-    classnames_source: str = ""
-    default_templates: str = "openai"
-    index: ImageFolderIndex | None = None
-    demo_images: object = None  # uint8 (N, H, W, 3) for the demo
-    demo_labels: object = None
-    shards: list[str] | None = None
-    captions: list[list[str]] | None = None  # retrieval: the captions of image i
-    classnames_note: str = ""  # how --classnames was paired with the folders, to print
-
-    @property
-    def num_samples(self) -> int | None:
-        if self.index is not None:
-            return len(self.index)
-        if self.demo_images is not None:
-            return len(self.demo_images)
-        return None  # tar shards have no length
-
-    def dataset(self, transform) -> torch.utils.data.Dataset:
-        if self.index is not None:
-            return ImageFolderDataset(self.index, transform)
-        return ArrayImageDataset(self.demo_images, self.demo_labels, transform)
-
-
-def _apply_classnames_file(path: str, count: int, what: str) -> list[str]:
-    names = read_text_lines(path, "class names")
-    if len(names) != count:
-        raise UtaUsageError(f"--classnames {path} lists {len(names)} names, but {what} has "
-                            f"{count} classes. Give one name per line, in label order.")
-    return names
-
-
-def _demo_split(meta: dict):
-    from uta_cli.demo_data import demo_splits
-    from uta_cli.recipe import DemoConfig
-
-    # The held-out split that the checkpoint's own recipe generated (its size and seed).
-    recorded = (meta.get("recipe") or {}).get("demo") or {}
-    defaults = DemoConfig()
-    val = int(recorded.get("val_images", defaults.val_images))
-    seed = int(recorded.get("data_seed", defaults.data_seed))
-    if val < 1:
-        raise UtaUsageError("The checkpoint's recipe has demo.val_images = 0: no held-out demo "
-                            "images to evaluate.")
-    return demo_splits(0, val, seed)[1]
-
-
-def _imagenet(data_dir: str, classnames_file: str) -> EvalSet:
-    from open_clip import IMAGENET_CLASSNAMES
-    from timm.data import ImageNetInfo
-
-    if not data_dir:
-        raise UtaUsageError("--dataset imagenet needs --data-dir: the ImageNet folder that holds "
-                            "val/<wnid>/*.JPEG, or the val folder itself.")
-    fs, path = url_to_fs(data_dir)
-    root = data_dir.rstrip("/") + "/val" if fs.isdir(path.rstrip("/") + "/val") else data_dir
-    index = index_image_folder(root, "classes")
-    wnids = ImageNetInfo("imagenet-1k").label_names()  # the 1000 synsets, sorted
-    known = set(wnids)
-    unknown = [c for c in index.classes if c not in known]
-    layout = ("Expected ImageNet-1k's val layout: val/<wnid>/*.JPEG with the 1000 synset "
-              f"folders {wnids[0]} ... {wnids[-1]} (see ILSVRC2012 valprep).")
-    if unknown:
-        shown = ", ".join(repr(u) for u in unknown[:3])
-        raise UtaUsageError(f"{root} has {len(unknown)} folder(s) that are not ImageNet-1k "
-                            f"wnids (e.g. {shown}). {layout} For other class folders pass the "
-                            f"folder itself as --dataset.")
-    if index.classes != wnids:
-        missing = sorted(known - set(index.classes))
-        raise UtaUsageError(f"{root} has {len(index.classes)} of the 1000 ImageNet-1k class "
-                            f"folders (missing e.g. {', '.join(missing[:3])}). {layout}")
-    names, source = list(IMAGENET_CLASSNAMES), "openai (open_clip IMAGENET_CLASSNAMES)"
-    if classnames_file:
-        names, source = _apply_classnames_file(classnames_file, 1000, "ImageNet-1k"), \
-            classnames_file
-    return EvalSet("imagenet", "imagenet", root, names, source, "openai", index=index)
-
-
-IMAGENET_VARIANTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch", "objectnet")
-_VARIANT_LAYOUTS = {
-    "imagenet-v2": "folders 0 ... 999 named by ImageNet class index (ImageNetV2's "
-                   "imagenetv2-*-format-val folder, or the folder holding it)",
-    "imagenet-a": "one folder per ImageNet wnid (200 of them: n01498041 ...)",
-    "imagenet-r": "one folder per ImageNet wnid (200 of them: n01443537 ...)",
-    "imagenet-sketch": "one folder per ImageNet wnid (all 1000; ImageNet-Sketch's sketch/)",
-    "objectnet": "objectnet-1.0/images/<folder>/ plus the mapping files "
-                 "folder_to_objectnet_label.json and objectnet_to_imagenet_1k.json (in "
-                 "--data-dir, objectnet-1.0/mappings/ or mappings/)",
-}
-
-
-def _single_subfolder(fs, path: str, accept) -> str:
-    """path, or its only sub-folder that `accept`s (archives unpack into one folder)."""
-    entries = [e for e in fs.ls(path, detail=True) if e["type"] == "directory"]
-    if not any(accept(os.path.basename(e["name"].rstrip("/"))) for e in entries) and \
-            len(entries) == 1:
-        return entries[0]["name"]
-    return path
-
-
-def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet:
-    """ImageNet-V2 / -A / -R / -Sketch and ObjectNet with CLIP_benchmark's labels: V2's
-    numeric folders in numeric order; A and R as 200-way tasks over their wnid subsets (OpenAI
-    names); Sketch as ImageNet-1k; ObjectNet's 113 ImageNet-mapped classes by its own names."""
-    from open_clip import IMAGENET_CLASSNAMES
-    from timm.data import ImageNetInfo
-
-    layout = f"--dataset {name} expects --data-dir with {_VARIANT_LAYOUTS[name]}."
-    if not data_dir:
-        raise UtaUsageError(f"--dataset {name} needs --data-dir. {layout}")
-    fs, path = url_to_fs(data_dir)
-    if not fs.isdir(path):
-        raise UtaUsageError(f"--data-dir {data_dir} is not a folder. {layout}")
-    wnids = ImageNetInfo("imagenet-1k").label_names()
-    wnid_index = {w: i for i, w in enumerate(wnids)}
-    source = "openai (open_clip IMAGENET_CLASSNAMES)"
-    if name == "objectnet":
-        return _objectnet(data_dir, fs, path, classnames_file, layout)
-    if name == "imagenet-v2":
-        path = _single_subfolder(fs, path, str.isdigit)
-        root = fs.unstrip_protocol(path) if not is_local(fs) else path
-        index = index_image_folder(root, "classes")
-        bad = [c for c in index.classes if not c.isdigit() or int(c) >= 1000]
-        if bad:
-            raise UtaUsageError(f"{root} has folder(s) that are not ImageNet class indices "
-                                f"(e.g. {bad[0]!r}). {layout}")
-        # label = the folder's number, not its place in the (string-)sorted listing
-        numbers = [int(c) for c in index.classes]
-        index.labels = [numbers[y] for y in index.labels]
-        index.classes = [str(i) for i in range(1000)]
-        names = list(IMAGENET_CLASSNAMES)
-    else:
-        if name == "imagenet-sketch":
-            path = _single_subfolder(fs, path, lambda n: n in wnid_index)
-        root = fs.unstrip_protocol(path) if not is_local(fs) else path
-        index = index_image_folder(root, "classes")
-        unknown = [c for c in index.classes if c not in wnid_index]
-        if unknown:
-            raise UtaUsageError(f"{root} has folder(s) that are not ImageNet wnids (e.g. "
-                                f"{unknown[0]!r}). {layout}")
-        expected = 1000 if name == "imagenet-sketch" else 200
-        if len(index.classes) != expected:
-            raise UtaUsageError(f"{root} has {len(index.classes)} wnid folders; {name} has "
-                                f"{expected}. {layout}")
-        names = [IMAGENET_CLASSNAMES[wnid_index[w]] for w in index.classes]
-    if classnames_file:
-        names = _apply_classnames_file(classnames_file, len(names), name)
-        source = classnames_file
-    return EvalSet(name, "folder", root, names, source, "openai", index=index)
-
-
-def _objectnet(data_dir: str, fs, path: str, classnames_file: str, layout: str) -> EvalSet:
-    base = path.rstrip("/")
-    images = next((p for p in (base + "/objectnet-1.0/images", base + "/images")
-                   if fs.isdir(p)), base)
-    mapping_dirs = [base, base + "/objectnet-1.0/mappings", base + "/mappings"]
-    files = {}
-    for fname in ("folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json"):
-        found = next((d + "/" + fname for d in mapping_dirs if fs.isfile(d + "/" + fname)), None)
-        if found is None:
-            raise UtaUsageError(f"ObjectNet's mapping file {fname} is not in {data_dir}. "
-                                f"{layout}")
-        try:
-            with fs.open(found, "r") as f:
-                files[fname] = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UtaUsageError(f"Cannot read {found}: {e}") from None
-    folder_of = {label: folder for folder, label in
-                 files["folder_to_objectnet_label.json"].items()}
-    mapped = sorted(folder_of[label] for label in files["objectnet_to_imagenet_1k.json"]
-                    if label in folder_of)
-    root = fs.unstrip_protocol(images) if not is_local(fs) else images
-    full = index_image_folder(root, "classes")
-    missing = [m for m in mapped if m not in full.classes]
-    if missing:
-        raise UtaUsageError(f"{root} lacks {len(missing)} ObjectNet folder(s) named in the "
-                            f"mapping (e.g. {missing[0]!r}). {layout}")
-    label_of = {folder: i for i, folder in enumerate(mapped)}
-    keep = [i for i, y in enumerate(full.labels) if full.classes[y] in label_of]
-    index = ImageFolderIndex(root=full.root, files=[full.files[i] for i in keep],
-                             labels=[label_of[full.classes[full.labels[i]]] for i in keep],
-                             classes=mapped)
-    names = [files["folder_to_objectnet_label.json"][f].lower() for f in mapped]
-    source = "ObjectNet labels of the ImageNet-mapped folders"
-    if classnames_file:
-        names = _apply_classnames_file(classnames_file, len(names), "objectnet")
-        source = classnames_file
-    return EvalSet("objectnet", "folder", root, names, source, "openai", index=index)
-
-
-def _wds_root(fs, path: str) -> bool:
-    """CLIP_benchmark's webdataset layout: classnames.txt beside split folders of shards."""
-    return fs.isfile(path.rstrip("/") + "/classnames.txt")
-
-
-def _clip_benchmark_wds(dataset: str, fs, path: str, split: str, classnames_file: str
-                        ) -> EvalSet:
-    base = path.rstrip("/")
-    url = dataset.rstrip("/")
-    split_dir = base + "/" + split
-    if not fs.isdir(split_dir):
-        splits = [os.path.basename(e.rstrip("/")) for e in fs.ls(base, detail=False)
-                  if fs.isdir(e)]
-        raise UtaUsageError(f"{dataset} (CLIP_benchmark's webdataset layout) has no split "
-                            f"'{split}'; it has: {', '.join(sorted(splits)) or 'none'}. Choose "
-                            f"one with --split.")
-    tars = [p for p in fs.ls(split_dir, detail=False) if p.endswith(TAR_SUFFIXES)]
-    if not tars:
-        raise UtaUsageError(f"{url}/{split} holds no tar shards.")
-
-    def shard_order(p: str):  # 0.tar, 1.tar, ..., 10.tar: numeric where the names are
-        stem = os.path.basename(p).split(".")[0]
-        return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
-
-    shards = [f"{url}/{split}/{os.path.basename(p)}" for p in sorted(tars, key=shard_order)]
-    names_file = classnames_file or f"{url}/classnames.txt"
-    names = read_text_lines(names_file, "class names")
-    templates_file = base + "/zeroshot_classification_templates.txt"
-    templates = f"{url}/zeroshot_classification_templates.txt" if fs.isfile(templates_file) \
-        else "openai"
-    name = os.path.basename(url)
-    return EvalSet(name if split == "test" else f"{name}/{split}", "wds", url, names,
-                   names_file, templates, shards=shards)
-
-
-def _is_tar_spec(location: str) -> bool:
-    s = location.rstrip("/")
-    return s.endswith(TAR_SUFFIXES) or ("{" in s and "}" in s) or \
-        (os.path.isdir(s) and detect_format(s, "auto") == "tar")
-
-
-def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
-                    task: str = "classification", meta: dict | None = None,
-                    split: str = "test") -> EvalSet:
-    """Resolve --dataset (+ --data-dir, --classnames, --split) into an EvalSet; bad input is
-    exit 2."""
-    meta = meta or {}
-    if not dataset:
-        raise UtaUsageError("--dataset is empty. Give imagenet, demo, a class folder, tar shards "
-                            "or (with --task retrieval) an image-caption set.")
-    if task == "retrieval":
-        return _retrieval_set(dataset, data_dir, meta)
-    if dataset == "imagenet":
-        return _imagenet(data_dir, classnames_file)
-    if dataset in IMAGENET_VARIANTS:
-        return _imagenet_variant(dataset, data_dir, classnames_file)
-    if data_dir:
-        raise UtaUsageError("--data-dir is for --dataset imagenet and for retrieval images. For "
-                            "a class folder or tar shards, give the location as --dataset.")
-    if dataset == "demo":
-        from uta_cli.demo_data import CLASSNAMES
-
-        split = _demo_split(meta)
-        names, source = list(CLASSNAMES), "demo"
-        if classnames_file:
-            names, source = _apply_classnames_file(classnames_file, len(CLASSNAMES), "demo"), \
-                classnames_file
-        return EvalSet("demo", "demo", "demo", names, source, "demo",
-                       demo_images=split.images, demo_labels=split.labels)
-    if "{" not in dataset and not dataset.rstrip("/").endswith(TAR_SUFFIXES):
-        fs, path = url_to_fs(dataset)
-        if fs.isdir(path) and _wds_root(fs, path):
-            return _clip_benchmark_wds(dataset, fs, path, split, classnames_file)
-    if _is_tar_spec(dataset):
-        shards = expand_shard_urls(dataset)
-        if not classnames_file:
-            raise UtaUsageError(
-                "Tar shards carry integer labels (.cls) but no class names. Pass --classnames "
-                "FILE with one class name per line in label order (line 1 is label 0).")
-        names = read_text_lines(classnames_file, "class names")
-        return EvalSet(dataset, "tar", dataset, names, classnames_file, "openai", shards=shards)
-    try:
-        index = index_image_folder(dataset, "classes")
-    except UtaUsageError as e:
-        raise UtaUsageError(f"{e} {_CLASSES_LAYOUT}") from None
-    note = ""
-    if classnames_file:
-        names = _apply_classnames_file(classnames_file, len(index.classes),
-                                       f"the folder {dataset}")
-        names, note = match_classnames(names, index.classes, classnames_file)
-        source = classnames_file
-    else:
-        names, source = [folder_classname(c) for c in index.classes], "folder names"
-    return EvalSet(dataset, "folder", dataset, names, source, "openai", index=index,
-                   classnames_note=note)
-
-
-def resolve_eval_templates(spec: str, evalset: EvalSet) -> tuple[str, list[str]]:
-    """--templates, or the dataset's own set when not given."""
-    spec = spec or evalset.default_templates
-    if spec == "demo":
-        from uta_cli.demo_data import TEMPLATES
-
-        return "demo", template_strings(TEMPLATES)
-    return resolve_templates(spec)
-
-
-# -- image-caption sets ----------------------------------------------------------------------
-
-
-def _as_caption_list(value, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UtaUsageError(f"Captions of {where} must be a string or a list of strings. "
-                            f"{_CAPTIONS_HELP}")
-    return [v.strip() for v in value if v.strip()]
-
-
-def _pick(keys, options: tuple[str, ...]) -> str | None:
-    lowered = {k.lower(): k for k in keys}
-    return next((lowered[o] for o in options if o in lowered), None)
-
-
-def parse_captions(text: str, fmt: str, source: str) -> list[tuple[str, list[str]]]:
-    """(image path, captions) in order of first appearance; rows of one image are merged."""
-    grouped: dict[str, list[str]] = {}
-
-    def add(image, caps, where: str) -> None:
-        if not isinstance(image, str) or not image:
-            raise UtaUsageError(f"{source}: {where} has no image path. {_CAPTIONS_HELP}")
-        grouped.setdefault(image, []).extend(_as_caption_list(caps, f"{image!r}"))
-
-    if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UtaUsageError(f"{source} is not valid JSON ({e}). {_CAPTIONS_HELP}") from None
-        if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO
-            files = {img["id"]: img["file_name"] for img in data["images"]}
-            for img in data["images"]:
-                grouped.setdefault(img["file_name"], [])
-            for ann in data["annotations"]:
-                add(files.get(ann.get("image_id")), ann.get("caption"), "an annotation")
-        elif isinstance(data, dict):
-            for image, caps in data.items():
-                add(image, caps, f"key {image!r}")
-        elif isinstance(data, list):
-            for i, row in enumerate(data):
-                if not isinstance(row, dict):
-                    raise UtaUsageError(f"{source}: entry {i} is not an object. {_CAPTIONS_HELP}")
-                ik, ck = _pick(row, _IMAGE_KEYS), _pick(row, _CAPTION_KEYS)
-                if ik is None or ck is None:
-                    raise UtaUsageError(f"{source}: entry {i} needs an image key "
-                                        f"({'/'.join(_IMAGE_KEYS)}) and a caption key "
-                                        f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
-                add(row[ik], row[ck], f"entry {i}")
-        else:
-            raise UtaUsageError(f"{source}: unsupported JSON layout. {_CAPTIONS_HELP}")
-    else:
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-        ik = _pick(reader.fieldnames or [], _IMAGE_KEYS)
-        ck = _pick(reader.fieldnames or [], _CAPTION_KEYS)
-        if ik is None or ck is None:
-            raise UtaUsageError(f"{source}: the header {reader.fieldnames} needs an image column "
-                                f"({'/'.join(_IMAGE_KEYS)}) and a caption column "
-                                f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
-        for i, row in enumerate(reader):
-            add(row[ik], row[ck] or "", f"row {i + 2}")
-    if not grouped:
-        raise UtaUsageError(f"{source} lists no images. {_CAPTIONS_HELP}")
-    bare = [img for img, caps in grouped.items() if not caps]
-    if bare:
-        raise UtaUsageError(f"{source}: {len(bare)} image(s) have no caption (e.g. {bare[0]!r}); "
-                            "every image needs at least one.")
-    return list(grouped.items())
-
-
-def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
-    if dataset == "demo":
-        split = _demo_split(meta)
-        return EvalSet("demo", "demo", "demo", classnames_source="demo",
-                       demo_images=split.images,
-                       demo_labels=torch.arange(len(split.images)).numpy(),
-                       captions=[[c] for c in split.captions])
-    fs, path = url_to_fs(dataset)
-    local = is_local(fs)
-    if fs.isdir(path):
-        found = [n for n in _CAPTION_FILES if fs.isfile(path.rstrip("/") + "/" + n)]
-        if not found:
-            raise UtaUsageError(f"{dataset} holds no {', '.join(_CAPTION_FILES)}. "
-                                f"{_CAPTIONS_HELP}")
-        captions_url = dataset.rstrip("/") + "/" + found[0]
-        image_root = data_dir or dataset
-    elif fs.isfile(path) and path.lower().endswith((".json", ".csv", ".tsv")):
-        captions_url = dataset
-        image_root = data_dir or (os.path.dirname(os.path.abspath(dataset)) if local
-                                  else dataset.rsplit("/", 1)[0])
-    else:
-        raise UtaUsageError(f"Retrieval dataset {dataset!r} is neither a folder with a captions "
-                            f"file nor a .json/.csv/.tsv file (or it does not exist). "
-                            f"{_CAPTIONS_HELP}")
-    with fsspec.open(captions_url, "r", encoding="utf-8") as f:
-        text = f.read()
-    fmt = captions_url.lower().rsplit(".", 1)[-1]
-    pairs = parse_captions(text, fmt, captions_url)
-    root_fs, root_path = url_to_fs(image_root)
-    if is_local(root_fs):
-        root = os.path.normpath(root_path)
-        files = [os.path.normpath(os.path.join(root, img)) for img, _ in pairs]
-        missing = [f for f in files if not os.path.isfile(f)]
-        if missing:
-            raise UtaUsageError(f"{len(missing)} image(s) named in {captions_url} do not exist "
-                                f"(e.g. {missing[0]}). Image paths are taken relative to "
-                                f"{root}; set --data-dir to the images' folder.")
-    else:  # remote images are not checked one request each; a missing one is counted as skipped
-        root = root_fs.unstrip_protocol(root_path.rstrip("/"))
-        files = [img if "://" in img else f"{root}/{img.lstrip('/')}" for img, _ in pairs]
-    index = ImageFolderIndex(root=root, files=files, labels=list(range(len(files))), classes=[])
-    return EvalSet(captions_url, "captions", captions_url, index=index,
-                   captions=[caps for _, caps in pairs])
-
-
-# --------------------------------------------------------------------------------------------
-# models
-
-
-class StudentEncoder:
-    """The student's CLS embedding at the chosen precision.
-
-    On CPU, bf16 casts the WEIGHTS: autocast re-casts every weight of a frozen model on every
-    call (its cast cache only keeps tensors that require grad), the pitfall measured on the
-    teacher (models/teacher.py). On GPU, bf16 is autocast over fp32 weights (fp32 norms and
-    softmax).
-    """
-
-    def __init__(self, student: torch.nn.Module, device: torch.device, precision: str):
-        self.student = student.eval().requires_grad_(False)
-        self.device = device
-        self.autocast = precision == "bf16" and device.type != "cpu"
-        self.dtype = torch.bfloat16 if precision == "bf16" and device.type == "cpu" \
-            else torch.float32
-        self.student.to(device=device, dtype=self.dtype)
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, self.dtype)
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast \
-            else contextlib.nullcontext()
-        with ctx:
-            return self.student.encode_image(images).float()
-
-
-def text_encoder(teacher: CLIPTeacher, context: str = "trimmed") -> TextEncoder:
-    """The teacher's text tower at the teacher's precision (weights cast by CLIPTeacher.to),
-    trimmed to each batch's longest prompt where that is exact (zeroshot.TextEncoder)."""
-    autocast = (lambda: torch.autocast("cuda", dtype=teacher.dtype)) \
-        if teacher.device.type == "cuda" and teacher.dtype != torch.float32 else None
-    return TextEncoder(teacher.clip, context, teacher.device, autocast)
-
-
-@dataclass
-class Encoder:
-    role: str  # student | teacher
-    model: str  # CLIP_benchmark's "model"
-    pretrained: str  # CLIP_benchmark's "pretrained"
-    view: View
-    encode: Callable[[torch.Tensor], torch.Tensor]
-    # The text tower that scores this encoder: the checkpoint's for the student (a tuned one
-    # after contrastive tuning), the teacher's own for the teacher.
-    text: CLIPTeacher
-
-
-def eval_view(name: str, size: int, mean, std, interpolation: str,
-              resize_mode: str = "shortest", fill: int = 0) -> View:
-    """A model's evaluation preprocessing. open_clip runs anything but bilinear as bicubic."""
-    interpolation = interpolation if interpolation in _RESAMPLING else "bicubic"
-    if resize_mode not in RESIZE_MODES:
-        raise UtaUsageError(f"The recorded resize_mode {resize_mode!r} is not one of: "
-                            f"{', '.join(RESIZE_MODES)}.")
-    return View(name, int(size), tuple(float(m) for m in mean), tuple(float(s) for s in std),
-                interpolation, resize_mode, int(fill))
-
-
-def teacher_view(name: str, teacher: CLIPTeacher) -> View:
-    """The teacher's own open_clip preprocess (its preprocess_cfg), at its input size."""
-    ident = teacher.identity
-    pp = getattr(getattr(teacher, "visual", None), "preprocess_cfg", None) or {}
-    return eval_view(name, teacher.image_size, ident.mean, ident.std, ident.interpolation,
-                     getattr(ident, "resize_mode", "shortest"), int(pp.get("fill_color") or 0))
-
-
-def student_label(meta: dict) -> str:
-    if meta.get("release"):  # a released UTA file: its published name
-        return meta["release"]["name"]
-    s = meta["student"]
-    return (f"uta-{s.get('family', 'vit')}-w{s.get('width')}-d{s.get('depth')}-"
-            f"p{s.get('patch_size')}-{s.get('image_size')}px")
-
-
-def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_teacher: bool,
-                   teacher_weights: str = "", ckpt_format: str = "auto"
-                   ) -> tuple[list[Encoder], CLIPTeacher, dict]:
-    """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
-    plus the verified teacher whose text tower scores both. A released UTA file brings its own
-    text tower, which takes the teacher's place."""
-    from uta_cli.loading import load_model, teacher_from_meta
-
-    loaded = load_model(ckpt_dir, ckpt_format, teacher_weights)
-    student, meta = loaded.student, loaded.meta
-    if loaded.text is not None:
-        teacher = loaded.text.to(device, precision)
-        if with_teacher and teacher.kind == "release":
-            raise UtaUsageError(f"{ckpt_dir} was tuned from a released UTA file, which has no "
-                                f"CLIP image tower to compare with. Drop --teacher.")
-        if with_teacher and loaded.source == "open-clip-folder":
-            raise UtaUsageError(f"{ckpt_dir} is an exported open_clip folder: its image tower "
-                                f"is the student, there is no teacher to compare with.")
-    else:
-        teacher = teacher_from_meta(meta, teacher_weights).to(device, precision)
-    # A tuned text tower scores the student only; the teacher row is the teacher as it was,
-    # with its own text tower (else it would be a hybrid that no one trained).
-    original = teacher
-    if with_teacher and teacher.text_fingerprint:
-        original = teacher_from_meta(meta, teacher_weights).to(device, precision)
-    ident = teacher.identity
-    sp = meta.get("student_preprocess") or {}
-    student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
-                             sp.get("mean", ident.mean), sp.get("std", ident.std),
-                             sp.get("interpolation", "bicubic"),
-                             sp.get("resize_mode", "shortest"))
-    encoders = [Encoder("student", student_label(meta), meta["checkpoint_dir"], student_view,
-                        StudentEncoder(student, device, precision), teacher)]
-    if with_teacher:
-        encoders.append(Encoder("teacher", ident.model, ident.weights or ident.model,
-                                teacher_view("teacher", original), original.encode_image,
-                                original))
-    return encoders, teacher, meta
-
-
-# --------------------------------------------------------------------------------------------
-# progress
 
 
 # --------------------------------------------------------------------------------------------

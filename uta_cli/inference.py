@@ -28,13 +28,8 @@ from uta_cli.datasets import (
     collate_skip_none,
     index_image_folder,
 )
+from uta_cli.encoders import Encoder, build_encoders, resolve_precision, text_encoder
 from uta_cli.errors import UtaUsageError
-from uta_cli.evaluation import (
-    Encoder,
-    build_encoders,
-    resolve_precision,
-    text_encoder,
-)
 from uta_cli.io import atomic_path
 from uta_cli.progress import progress_bar
 from uta_cli.zeroshot import build_classifier, resolve_templates
