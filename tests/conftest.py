@@ -21,6 +21,19 @@ from safetensors.torch import save_file
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+def cli(*args, env: dict | None = None):
+    """Run `uta ARGS` in-process (Typer's runner); an unexpected exception is re-raised so the
+    test shows its traceback, while exit codes (SystemExit) come back in the result."""
+    from typer.testing import CliRunner
+
+    from uta_cli.app import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 TINY_CLIP_CFG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},

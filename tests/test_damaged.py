@@ -11,20 +11,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_overrides
-from typer.testing import CliRunner
+from conftest import cli, tiny_overrides
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.app import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def pretrain_args(run_dir, sets):

@@ -14,14 +14,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli as conftest_cli
 from conftest import tiny_overrides
 from test_release import TINY, make_state
-from typer.testing import CliRunner
 
-from uta_cli.app import app
 from uta_cli.loading import student_from_checkpoint, teacher_from_meta
 
-runner = CliRunner()
 REPO = "uta-tests/tiny-student"
 
 
@@ -31,10 +29,7 @@ def flat(result) -> str:
 
 
 def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return conftest_cli(*args, env={"COLUMNS": "200"})
 
 
 @pytest.fixture(scope="module")

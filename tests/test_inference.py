@@ -13,18 +13,15 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli as conftest_cli
 from conftest import tiny_overrides, write_clip_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_release import TINY, make_state
 from test_zeroshot import CLASSES, TEMPLATES, write_varied_images
-from typer.testing import CliRunner
 
-from uta_cli.app import app
 from uta_cli.loading import student_from_checkpoint
 from uta_cli.models import release as R
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +56,7 @@ def flat(result) -> str:
 
 
 def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return conftest_cli(*args, env={"COLUMNS": "200"})
 
 
 def odd_images(folder, sizes=((53, 37), (41, 64), (48, 48), (90, 31))) -> list[str]:

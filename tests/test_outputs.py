@@ -10,19 +10,7 @@ import json
 import fsspec
 import pytest
 import torch
-from conftest import tiny_overrides
-from typer.testing import CliRunner
-
-from uta_cli.app import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+from conftest import cli, tiny_overrides
 
 
 @pytest.fixture(scope="module")

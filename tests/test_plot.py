@@ -8,20 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from conftest import cli
 from PIL import Image
-from typer.testing import CliRunner
 
 from uta_cli import plot
-from uta_cli.app import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def fake_run(folder, scale: float, steps: int = 60) -> list[dict]:

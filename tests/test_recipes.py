@@ -164,7 +164,6 @@ def test_finetune_recipe_runs_two_steps(name, workspace):
                             "contrastive": "uta-contrastive"}.get(shipped.task, meta["task"])
 
 
-
 def test_finetune_recipe_from_an_open_clip_eva_tower(workspace):
     """`init=open_clip:EVA02-*`: the EVA-CLIP image tower (a timm trunk) is the backbone."""
     from uta_cli.finetune import run_finetune

@@ -6,21 +6,16 @@ from __future__ import annotations
 import os
 
 import yaml
+from conftest import cli as conftest_cli
 from conftest import tiny_overrides, write_images
-from typer.testing import CliRunner
 
-from uta_cli.app import app
 from uta_cli.recipe import builtin_recipe_names, load_recipe, recipe_from_dict, recipe_to_dict
 
-runner = CliRunner()
 WIDE = {"COLUMNS": "300"}
 
 
 def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args], env=WIDE)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
+    return conftest_cli(*args, env=WIDE)
 
 
 def sets(pairs):

@@ -24,11 +24,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli
 from PIL import Image
 from timm.layers import RotaryEmbeddingCat
-from typer.testing import CliRunner
 
-from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
 from uta_cli.loading import load_model
 from uta_cli.models import release as R
@@ -43,7 +42,6 @@ SIZES = {  # docs/release-format.md: image, patch, width, depth, heads, mlp hidd
 TINY = R.ReleaseArch(image_size=32, patch_size=8, width=64, depth=2, heads=2, mlp_hidden=170,
                      embed_dim=48, text_context=77, text_vocab=49408, text_width=128,
                      text_layers=2, text_heads=2, text_dim=48)
-runner = CliRunner()
 
 
 def read_tsv(name: str) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -92,13 +90,6 @@ def images(tmp_path_factory) -> str:
             Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
                 root / c / f"{i}.png")
     return str(root)
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 # ------------------------------------------------------------------------ key lists (all sizes)

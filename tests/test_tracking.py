@@ -10,20 +10,9 @@ import json
 import os
 
 import pytest
-from conftest import tiny_overrides
-from typer.testing import CliRunner
+from conftest import cli, tiny_overrides
 
 from uta_cli import tracking
-from uta_cli.app import app
-
-runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def pretrain(run_dir, sets):
@@ -99,7 +88,6 @@ def test_a_tracker_that_is_not_installed_is_exit_2_naming_the_extra(tmp_path, ti
     bad = pretrain(tmp_path / "b", tiny_overrides(tiny_clip_dir, steps=2, **{
         "train.report_to": "[tensorbord]"}))
     assert bad.exit_code == 2 and "tensorboard" in bad.output
-
 
 
 def wandb_records(path):
