@@ -147,3 +147,21 @@ def parse_device(value: str) -> str:
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise typer.BadParameter(f"{value!r} is not one of {', '.join(DEVICES)}.{hint}",
                              param_hint="--device")
+
+
+# The run options `uta pretrain` and `uta finetune` share (one engine, one meaning).
+RESUME = ("auto", "never")
+OUTPUT_DIR_OPTION = typer.Option(
+    "", "--output-dir", help="Run directory (default: train.output_dir, else runs/<recipe name>).")
+RESUME_OPTION = typer.Option(
+    "auto", "--resume", help="auto: continue from the checkpoint that the run directory's "
+    "checkpoints/latest names; never; or a checkpoint path.",
+    parser=word_or_path("--resume", RESUME), metavar=metavar(RESUME, "PATH"),
+    autocompletion=lambda: list(RESUME))
+ALLOW_CHANGES_OPTION = typer.Option(
+    [], "--allow-changes", help="On resume, accept these recipe keys differing from the "
+    "checkpoint's (comma-separated or repeated), e.g. --allow-changes optim.lr,schedule.steps. "
+    "Anything else that differs refuses to resume.")
+DRY_RUN_OPTION = typer.Option(
+    False, "--dry-run", help="Print the resolved recipe and a summary of data, teacher, student "
+    "and run directory, check that they are reachable, and exit without training.")

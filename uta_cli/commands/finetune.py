@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
-
-RESUME = ("auto", "never")
+from uta_cli.commands._common import (
+    ALLOW_CHANGES_OPTION,
+    DRY_RUN_OPTION,
+    OUTPUT_DIR_OPTION,
+    RESUME_OPTION,
+    cli_errors,
+    quiet_libraries,
+)
 
 
 def finetune(
@@ -15,21 +20,10 @@ def finetune(
                                  "a YAML path/URL with task: classification or contrastive."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key, typed: "
                                    "--set finetune.layer_decay=0.75 (repeatable)."),
-    output_dir: str = typer.Option("", "--output-dir", help="Run directory "
-                                   "(default: train.output_dir, else runs/<recipe name>)."),
-    resume: str = typer.Option("auto", "--resume", help="auto: continue from the checkpoint "
-                               "that the run directory's checkpoints/latest names; never; or a "
-                               "checkpoint path.", parser=word_or_path("--resume", RESUME),
-                               metavar=metavar(RESUME, "PATH"),
-                               autocompletion=lambda: list(RESUME)),
-    allow_changes: list[str] = typer.Option([], "--allow-changes", help="On resume, accept "
-                                            "these recipe keys differing from the checkpoint's "
-                                            "(comma-separated or repeated), e.g. --allow-changes "
-                                            "optim.lr,schedule.steps. Anything else that differs "
-                                            "refuses to resume."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and a "
-                                 "summary of data, teacher, student and run directory, check "
-                                 "that they are reachable, and exit without training."),
+    output_dir: str = OUTPUT_DIR_OPTION,
+    resume: str = RESUME_OPTION,
+    allow_changes: list[str] = ALLOW_CHANGES_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
 ) -> None:
     """Fine-tune a UTA ViT: classification or contrastive tuning, as the recipe's task says.
 
