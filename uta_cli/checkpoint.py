@@ -29,6 +29,12 @@ from uta_cli import io
 from uta_cli.errors import UtaUsageError
 
 LATEST = "latest"
+# meta.json's "task": which model a checkpoint holds. Pre-training names its objective (so a run
+# cannot resume as another objective); these and contrastive tuning hold a UTA student.
+TASK_NAMES = {"uta": "uta-alignment", "mim": "mim-alignment", "fd": "fd-alignment"}
+ALIGNMENT_TASKS = tuple(TASK_NAMES.values())  # checkpoints holding a pre-trained student
+CONTRASTIVE_TASK = "uta-contrastive"  # a student tuned with its teacher's text tower
+UTA_STUDENT_TASKS = (*ALIGNMENT_TASKS, CONTRASTIVE_TASK)
 # meta.json's "meta_schema": the version of the fields a checkpoint's meta holds. Version 1 is
 # the first versioned format; a meta without the field is version 1. A field added later gets a
 # new version and its default in META_DEFAULTS, so checkpoints written before it keep loading.

@@ -62,7 +62,6 @@ from uta_cli.models.teacher import (
     teacher_tokenizer,
 )
 from uta_cli.recipe import Recipe, StudentConfig
-from uta_cli.tasks.alignment import ALIGNMENT_TASKS
 from uta_cli.tasks.classification import (
     ClassificationModel,
     ClassificationTask,
@@ -86,7 +85,6 @@ from uta_cli.zeroshot import (
 
 TASKS = ("classification", "contrastive")
 CAPTION_FILE_SUFFIXES = (".csv", ".tsv", ".json")
-_UTA_TASKS = (*ALIGNMENT_TASKS, "uta-contrastive")  # pre-training (any objective), tuning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,12 +184,12 @@ def resolve_start(recipe: Recipe) -> Start:
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
-    if task not in _UTA_TASKS:
+    if task not in ckpt.UTA_STUDENT_TASKS:
         raise UtaUsageError(
             f"init {folder} is a '{task}' checkpoint; `uta finetune` starts from a UTA "
             f"pre-training or contrastive-tuning checkpoint. To continue this run, use its "
             f"--output-dir with --resume auto.")
-    return Start("uta" if task in ALIGNMENT_TASKS else "uta-contrastive", folder, meta)
+    return Start("uta" if task in ckpt.ALIGNMENT_TASKS else "uta-contrastive", folder, meta)
 
 
 def uta_student(start: Start, drop_path: float) -> UTAStudent:

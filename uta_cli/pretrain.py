@@ -35,7 +35,7 @@ from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe
-from uta_cli.tasks.alignment import ALIGNMENT_TASKS, AlignmentTask
+from uta_cli.tasks.alignment import AlignmentTask
 
 # what decides the shapes of a student's weights
 _SHAPE_FIELDS = ("family", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
@@ -55,7 +55,7 @@ def student_init_state(recipe: Recipe, embed_dim: int) -> tuple[dict[str, torch.
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
-    if task not in (*ALIGNMENT_TASKS, "uta-contrastive"):
+    if task not in ckpt.UTA_STUDENT_TASKS:
         raise UtaUsageError(f"student.init {folder} is a '{task}' checkpoint. student.init takes "
                             f"a UTA pre-training or contrastive-tuning checkpoint, or a released "
                             f"uta_*.pt file.")

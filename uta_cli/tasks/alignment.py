@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from uta_cli.checkpoint import TASK_NAMES
 from uta_cli.data import Source, View, normalize
 from uta_cli.losses import gather_targets, masked_token_loss, token_alignment_loss
 from uta_cli.models.student import MASK_TOKEN, UTAStudent
@@ -24,10 +25,7 @@ from uta_cli.models.teacher import CLIPTeacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.common import decay_groups
 
-# objective -> the task name its checkpoints carry (so a run cannot resume as another objective)
-TASK_NAMES = {"uta": "uta-alignment", "mim": "mim-alignment", "fd": "fd-alignment"}
-OBJECTIVES = tuple(TASK_NAMES)
-ALIGNMENT_TASKS = tuple(TASK_NAMES.values())  # checkpoints holding a pre-trained student
+OBJECTIVES = tuple(TASK_NAMES)  # TASK_NAMES: objective -> the task name its checkpoints carry
 
 
 def masked_from_keep(keep_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
