@@ -569,7 +569,7 @@ def test_cli_reports_bad_input_as_exit_2(tmp_path):
 
 def test_classnames_file_in_another_order_maps_to_the_folders(tmp_path):
     from uta_cli.data import EvalTransform, View
-    from uta_cli.finetune import open_data
+    from uta_cli.finetune_data import open_data
 
     classes = ("red_thing", "blue_thing", "green_thing")
     write_images(tmp_path / "train", 6, classes=classes)
