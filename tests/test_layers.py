@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("uta_cli.app", "uta_cli.__main__", "uta_cli.commands")),
     ("workflows", ("uta_cli.pretrain", "uta_cli.finetune", "uta_cli.evaluation",
                    "uta_cli.export", "uta_cli.hub", "uta_cli.inspect_mask", "uta_cli.demo",
-                   "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot")),
+                   "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot", "uta_cli.convert")),
     ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
                "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data")),
     ("loading", ("uta_cli.loading", "uta_cli.checkpoint", "uta_cli.data", "uta_cli.datasets",

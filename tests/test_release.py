@@ -28,6 +28,7 @@ from conftest import cli
 from PIL import Image
 from timm.layers import RotaryEmbeddingCat
 
+from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
 from uta_cli.loading import load_model
 from uta_cli.models import release as R
@@ -395,6 +396,9 @@ def test_zeroshot_and_convert_end_to_end(tiny_file, images, tmp_path):
     assert {"model.safetensors", "meta.json", "text_tower.safetensors", "open_clip"} <= \
         set(os.listdir(conv))
     assert cli("convert", "--from", "uta-release", tiny_file, "--output", conv).exit_code == 2
+    # a versioned checkpoint like a training run's, read back through the same schema check
+    raw = json.loads((conv / "meta.json").read_text())
+    assert raw["meta_schema"] == ckpt.META_SCHEMA and raw["format"] == "uta"
     # open_clip loads the folder by itself (no uta code) and reproduces both towers
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{conv}/open_clip")
     tok = open_clip.get_tokenizer(f"local-dir:{conv}/open_clip")
