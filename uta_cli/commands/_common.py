@@ -165,3 +165,13 @@ ALLOW_CHANGES_OPTION = typer.Option(
 DRY_RUN_OPTION = typer.Option(
     False, "--dry-run", help="Print the resolved recipe and a summary of data, teacher, student "
     "and run directory, check that they are reachable, and exit without training.")
+
+
+# The checkpoint options `uta embed` and `uta classify` share (one loader, one meaning).
+CKPT_OPTION = typer.Option(
+    ..., "--ckpt", help="A run directory (its newest checkpoint), a checkpoint folder "
+    "(checkpoints/step_*), a released UTA file (uta_base_p16_224.pt, ...) or an exported "
+    "open_clip folder (uta export --format open-clip | hf-hub, uta convert).")
+CKPT_FORMAT_OPTION = typer.Option(
+    "auto", "--ckpt-format", help="auto (a file is a released UTA file, a folder a uta "
+    "checkpoint or an exported open_clip folder), uta or uta-release.")

@@ -7,6 +7,8 @@ import json
 import typer
 
 from uta_cli.commands._common import (
+    CKPT_FORMAT_OPTION,
+    CKPT_OPTION,
     DEVICE_METAVAR,
     cli_errors,
     metavar,
@@ -14,14 +16,14 @@ from uta_cli.commands._common import (
     quiet_libraries,
     word_or_path,
 )
-from uta_cli.commands.embed import CKPT_HELP, CkptFormat, Precision
+from uta_cli.commands.embed import CkptFormat, Precision
 
 TEMPLATES = ("openai", "simple", "none")
 
 
 def classify(
     images: list[str] = typer.Argument(None, help="Image files."),
-    ckpt: str = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    ckpt: str = CKPT_OPTION,
     labels: str = typer.Option("", "--labels", help='Candidate labels, comma-separated: '
                                '"cat,dog,red car".'),
     classnames: str = typer.Option("", "--classnames", help="Or a file of labels, one a line."),
@@ -40,10 +42,7 @@ def classify(
     device: str = typer.Option("auto", "--device", parser=parse_device,
                                metavar=DEVICE_METAVAR, help="auto, cpu, cuda or cuda:N."),
     precision: Precision = typer.Option("auto", "--precision", help="auto, bf16 or fp32."),
-    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
-                                           "released UTA file, a folder a uta checkpoint or "
-                                           "an exported open_clip folder), uta or "
-                                           "uta-release."),
+    ckpt_format: CkptFormat = CKPT_FORMAT_OPTION,
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved."),
 ) -> None:

@@ -6,20 +6,23 @@ from typing import Literal
 
 import typer
 
-from uta_cli.commands._common import DEVICE_METAVAR, cli_errors, parse_device, quiet_libraries
+from uta_cli.commands._common import (
+    CKPT_FORMAT_OPTION,
+    CKPT_OPTION,
+    DEVICE_METAVAR,
+    cli_errors,
+    parse_device,
+    quiet_libraries,
+)
 
 # The words these options take (checked again where used: release.FORMATS, PRECISIONS).
 CkptFormat = Literal["auto", "uta", "uta-release"]
 Precision = Literal["auto", "bf16", "fp32"]
 
-CKPT_HELP = ("A run directory (its newest checkpoint), a checkpoint folder (checkpoints/step_*), "
-             "a released UTA file (uta_base_p16_224.pt, ...) or an exported open_clip folder "
-             "(uta export --format open-clip | hf-hub, uta convert).")
-
 
 def embed(
     images: list[str] = typer.Argument(None, help="Image files, embedded in this order."),
-    ckpt: str = typer.Option(..., "--ckpt", help=CKPT_HELP),
+    ckpt: str = CKPT_OPTION,
     folder: str = typer.Option("", "--dir", help="Embed every image under this folder "
                                "(recursive, sorted by path; local or fsspec URL)."),
     output: str = typer.Option(..., "--output", help="emb.safetensors (tensor 'embeddings') or "
@@ -32,10 +35,7 @@ def embed(
                                "cuda or cuda:N."),
     precision: Precision = typer.Option("auto", "--precision", help="auto (bf16 where the "
                                         "hardware has it), bf16 or fp32."),
-    ckpt_format: CkptFormat = typer.Option("auto", "--ckpt-format", help="auto (a file is a "
-                                           "released UTA file, a folder a uta checkpoint or "
-                                           "an exported open_clip folder), uta or "
-                                           "uta-release."),
+    ckpt_format: CkptFormat = CKPT_FORMAT_OPTION,
     teacher_weights: str = typer.Option("", "--teacher-weights", help="Where the checkpoint's "
                                         "teacher lives now, if moved (contrastive checkpoints)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
