@@ -176,9 +176,9 @@ def _remote_output(opts, format_: str, force: bool):
     if format_ in ("open-clip", "hf-hub"):
         raise UtaUsageError(f"--format {format_} writes a folder for local use; export it to a "
                             f"local --output, then copy it (e.g. with fsspec or the hub).")
-    import fsspec
+    from uta_cli.io import url_to_fs
 
-    fs, target = fsspec.core.url_to_fs(url)
+    fs, target = url_to_fs(url, writing=True)
     if fs.exists(target) and not force:
         raise UtaUsageError(f"{url} exists. Pass --force to replace it, or another --output.")
     staging = tempfile.mkdtemp(prefix="uta-export-")
