@@ -551,7 +551,8 @@ def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1
     """An image folder (class folders or flat) or tar shards; labels are kept when present."""
     kind = detect_format(source, fmt)
     if kind == "demo":
-        raise UtaUsageError("The demo source is built by uta_cli.demo, not opened from a path.")
+        raise UtaUsageError("The demo source is built by uta_cli.demo_data, not opened from a "
+                            "path.")
     if kind == "tar":
         return TarShardDataset(source, transform, rank=rank, world_size=world, seed=seed)
     if not source:

@@ -43,7 +43,7 @@ _CACHE_VERSION = 1
 
 
 def demo_teacher_folder(cfg: DemoConfig) -> str:
-    """Where the demo teacher for `cfg` is cached (uta_cli.demo trains it there once)."""
+    """Where the demo teacher for `cfg` is cached (uta_cli.demo_teacher trains it there once)."""
     payload = json.dumps({"v": _CACHE_VERSION, "model": TEACHER_MODEL_CFG,
                           "demo": dataclasses.asdict(cfg)}, sort_keys=True)
     key = hashlib.sha256(payload.encode()).hexdigest()[:12]

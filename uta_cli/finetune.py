@@ -32,8 +32,8 @@ from uta_cli.data import (
     View,
     normalize,
 )
-from uta_cli.demo import ensure_demo_teacher
 from uta_cli.demo_data import demo_splits
+from uta_cli.demo_teacher import ensure_demo_teacher
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.finetune_data import DataSpec, first_samples, open_data, train_source

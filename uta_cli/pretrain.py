@@ -27,8 +27,8 @@ from uta_cli.data import (
     detect_format,
     open_dataset,
 )
-from uta_cli.demo import ensure_demo_teacher, zeroshot_demo
 from uta_cli.demo_data import CLASSNAMES, demo_splits
+from uta_cli.demo_teacher import ensure_demo_teacher, zeroshot_demo
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, validate_mask_spec

@@ -142,7 +142,8 @@ class EvalConfig:
 
 @dataclass
 class DemoConfig:
-    """The embedded demo: generated data and a small CLIP teacher trained on it (demo.py)."""
+    """The embedded demo: generated data and a small CLIP teacher trained on it
+    (demo_teacher.py)."""
 
     train_images: int = 8000
     val_images: int = 2000

@@ -1,6 +1,6 @@
 """Image-text contrastive training with open_clip's ClipLoss: one task for two uses.
 
-- The demo teacher (`uta_cli.demo`): an open_clip CLIP trained from scratch on the demo captions.
+- The demo teacher (demo_teacher.py): an open_clip CLIP trained from scratch on the demo captions.
 - Contrastive tuning (`uta finetune`, task: contrastive): the UTA student as the image tower of a
   copy of its teacher's CLIP, with the teacher's text tower tuned or locked (docs/method.md §7).
   `uta_clip` builds that model; `uta_cli.loading.tuned_clip_from_checkpoint` reads its
