@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                    "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot", "uta_cli.convert")),
     ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
                "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data",
-               "uta_cli.demo_teacher")),
+               "uta_cli.demo_teacher", "uta_cli.eval_classifier")),
     ("loading", ("uta_cli.loading", "uta_cli.checkpoint", "uta_cli.data", "uta_cli.datasets",
                  "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
     ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",

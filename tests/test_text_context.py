@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from uta_cli import zeroshot as Z
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_classifier import cached_classifier, classifier_cache_key
 from uta_cli.models import release as R
 
 # Names of very different token lengths (1 to 9 word pieces), so sorted batches differ in length.
@@ -145,7 +146,7 @@ def test_other_text_towers_keep_the_full_context():
 
 def test_cache_key_depends_on_the_text_context():
     teacher = {"weights_fingerprint": "1:ab", "model": "ViT-B-16"}
-    keys = {Z.classifier_cache_key(teacher, ["a"], ["{c}."], "float32", text_context=c)
+    keys = {classifier_cache_key(teacher, ["a"], ["{c}."], "float32", text_context=c)
             for c in Z.TEXT_CONTEXTS}
     assert len(keys) == 2
 
@@ -207,21 +208,31 @@ def test_zeroshot_reports_caches_and_keys_the_text_context(release_and_images, t
     assert result.exit_code == 2 and "--text-context" in result.output
 
 
-def test_finetune_head_and_export_take_the_text_context(monkeypatch, tmp_path):
+def test_cached_class_weights_and_export_take_the_text_context(tmp_path):
+    """The one cached-classifier function (the fine-tuning zero-shot head's, `uta zeroshot`'s):
+    one cache entry per text context, hit on the second call, off without a cache folder."""
     from uta_cli.export import ExportOptions, check_options
-    from uta_cli.finetune import class_embeddings
     from uta_cli.models.teacher import TeacherIdentity
 
-    monkeypatch.setenv("UTA_CACHE_DIR", str(tmp_path))
     clip, tokenizer = clip_tower(), open_clip.get_tokenizer("ViT-B-16")
     ident = TeacherIdentity(model="ViT-B-16", weights="", weights_fingerprint="1:ab",
                             embed_dim=48, image_size=32, mean=[0.5] * 3, std=[0.5] * 3,
                             interpolation="bicubic")
     names = CLASSNAMES[:4]
-    got = {c: class_embeddings(clip, tokenizer, ident, True, names, TEMPLATES, "cpu", c)
-           for c in Z.TEXT_CONTEXTS}
-    assert (got["trimmed"] - got["full"]).abs().max().item() < 1e-5
-    assert len(os.listdir(tmp_path / "classifiers")) == 2  # one cache entry per context
+    cache = str(tmp_path / "classifiers")
+
+    def weights(context: str, cache_dir: str = cache):
+        return cached_classifier(Z.TextEncoder(clip, context), tokenizer, ident.to_dict(),
+                                 names, TEMPLATES, "cpu", cache_dir)
+
+    got = {c: weights(c) for c in Z.TEXT_CONTEXTS}
+    assert {info["cache"] for _, info in got.values()} == {"built"}
+    assert (got["trimmed"][0] - got["full"][0]).abs().max().item() < 1e-5
+    assert len(os.listdir(cache)) == 2  # one cache entry per context
+    again, info = weights("trimmed")
+    assert info["cache"] == "hit" and torch.equal(again, got["trimmed"][0])
+    off, info = weights("trimmed", "")
+    assert info["cache"] == "off" and torch.equal(off, got["trimmed"][0])
     with pytest.raises(UtaUsageError, match="--text-context"):
         check_options(ExportOptions(ckpt="x", format="torchscript", output="y",
                                     output_kind="classifier", text_context="short"))

@@ -23,20 +23,19 @@ from typer.testing import CliRunner
 
 from uta_cli.app import app
 from uta_cli.data import EvalTransform
-from uta_cli.encoders import build_encoders, resolve_precision
+from uta_cli.encoders import build_encoders, resolve_precision, text_encoder
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_classifier import cached_classifier, classifier_cache_key
 from uta_cli.eval_datasets import parse_captions, resolve_dataset, resolve_eval_templates
 from uta_cli.evaluation import (
     classify_shard,
     merge_classification,
     merge_retrieval,
-    obtain_classifier,
     retrieval_shard,
     shard_loader,
 )
 from uta_cli.zeroshot import (
     build_classifier,
-    classifier_cache_key,
     evaluate,
     resolve_templates,
     retrieval_metrics,
@@ -205,6 +204,10 @@ def test_classifier_cache_hit_off_and_key(setup, tmp_path):
     assert first["metrics"] == second["metrics"] == off["metrics"]
     teacher = {"weights_fingerprint": "1:ab", "model": "local-dir:/x", "model_cfg": {"a": 1}}
     key = classifier_cache_key(teacher, ["a", "b"], ["{c}."], "float32")
+    # the key names the cache files: written by earlier versions, they must keep hitting
+    assert (key, classifier_cache_key(teacher, ["a", "b"], ["{c}."], "float32", "tuned:1",
+                                      "trimmed")) == ("4f6480208c5549fcff62ffe4",
+                                                      "b9784cd2fc069a7509bdfc5a")
     assert key == classifier_cache_key({**teacher, "model": "local-dir:/moved"}, ["a", "b"],
                                        ["{c}."], "float32")  # a moved teacher still hits
     for changed in (classifier_cache_key({**teacher, "weights_fingerprint": "2:cd"}, ["a", "b"],
@@ -550,17 +553,15 @@ def test_shards_merge_to_the_single_process_result(setup, tmp_path):
     their merged metrics equal one process's (classification and retrieval)."""
     from rich.console import Console
 
-    class OneProcess:  # what obtain_classifier needs from accelerate's PartialState
-        is_main_process, process_index, num_processes = True, 0, 1
-
     console = Console(quiet=True)
     cpu = torch.device("cpu")
     encoders, teacher, _ = build_encoders(setup["run"], cpu, "fp32", True)
     transform = EvalTransform([e.view for e in encoders])
     roles = ["student", "teacher"]
     evalset = resolve_dataset(setup["data"])
-    classifier, _ = obtain_classifier(teacher, evalset.classnames, list(TEMPLATES), cpu, "",
-                                      OneProcess(), 1024, console)
+    classifier, _ = cached_classifier(text_encoder(teacher), teacher.tokenizer,
+                                      teacher.identity.to_dict(), evalset.classnames,
+                                      list(TEMPLATES), cpu)
 
     def classify(world):
         parts = [classify_shard(*shard_loader(evalset, transform, r, world, 5, 0, False),

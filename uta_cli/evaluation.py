@@ -52,6 +52,7 @@ from uta_cli.encoders import (
     text_encoder,
 )
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_classifier import cached_classifier
 from uta_cli.eval_datasets import (
     EvalSet,
     resolve_dataset,
@@ -63,22 +64,14 @@ from uta_cli.zeroshot import (
     RECALL_KS,
     TEXT_CONTEXTS,
     Predictions,
-    assemble_classifier,
-    class_batches,
     classification_metrics,
-    classifier_cache_key,
-    classifier_part,
     encode_texts,
-    load_cached_classifier,
     merge_by_id,
     retrieval_metrics,
-    save_cached_classifier,
     zero_shot_logits,
 )
 
 if TYPE_CHECKING:
-    from accelerate import PartialState
-
     from uta_cli.models.teacher import CLIPTeacher
 
 TASKS = ("classification", "retrieval", "linear-probe")
@@ -177,49 +170,6 @@ def shard_loader(evalset: EvalSet, transform, rank: int, world: int, batch_size:
     kwargs = dict(prefetch_factor=4) if workers else {}
     return (DataLoader(dataset, sampler=order, num_workers=workers, **common, **kwargs),
             len(order))
-
-
-def obtain_classifier(teacher: CLIPTeacher, classnames: list[str], templates: list[str],
-                      device: torch.device, cache_dir: str, state: PartialState,
-                      texts_per_batch: int, console: Console,
-                      text_context: str = "trimmed") -> tuple[torch.Tensor, dict]:
-    """Load the class weights from the disk cache, or build them (split over the processes by
-    whole class batches) and cache them. Every process ends with the same tensor."""
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    encode = text_encoder(teacher, text_context)
-    key = classifier_cache_key(teacher.identity.to_dict(), classnames, templates,
-                               str(teacher.dtype).replace("torch.", ""),
-                               teacher.text_fingerprint, encode.context)
-    path = os.path.join(cache_dir, f"{key}.safetensors") if cache_dir else ""
-    t0 = time.perf_counter()
-    cached = [None]
-    if state.is_main_process and cache_dir:
-        cached[0] = load_cached_classifier(cache_dir, key, len(classnames))
-    broadcast_object_list(cached)
-    if cached[0] is not None:
-        return cached[0].to(device), {"cache": "hit", "path": path,
-                                      "seconds": round(time.perf_counter() - t0, 3),
-                                      "text_context": encode.context,
-                                      "text_context_note": encode.note}
-    mine = class_batches(len(classnames), len(templates),
-                         texts_per_batch)[state.process_index::state.num_processes]
-    with progress_bar(console, state.is_main_process and len(mine) > 1,
-                      sum(e - s for s, e in mine),
-                      f"class weights ({len(classnames)} x {len(templates)} prompts)") as adv:
-        part = classifier_part(encode, teacher.tokenizer, classnames, templates,
-                               device, texts_per_batch, state.process_index,
-                               state.num_processes, progress=adv)
-    classifier = assemble_classifier(gather_object([part]))
-    info = {"cache": "built" if cache_dir else "off", "path": path,
-            "seconds": round(time.perf_counter() - t0, 3), "text_context": encode.context,
-            "text_context_note": encode.note}
-    if state.is_main_process and cache_dir:
-        save_cached_classifier(cache_dir, key, classifier, {
-            "teacher": teacher.identity.model, "classes": len(classnames),
-            "templates": len(templates), "dtype": str(teacher.dtype),
-            "text_context": encode.context})
-    return classifier.to(device), info
 
 
 def classify_shard(loader, total: int | None, encoders: list[Encoder],
@@ -490,9 +440,11 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
         built: dict[int, tuple[torch.Tensor, dict]] = {}  # one per distinct text tower
         for e in encoders:
             if id(e.text) not in built:
-                built[id(e.text)] = obtain_classifier(
-                    e.text, evalset.classnames, templates, device, cache_dir, state,
-                    opts.texts_per_batch, console, opts.text_context)
+                built[id(e.text)] = cached_classifier(
+                    text_encoder(e.text, opts.text_context), e.text.tokenizer,
+                    e.text.identity.to_dict(), evalset.classnames, templates, device,
+                    cache_dir, dtype=e.text.dtype, tuned_text=e.text.text_fingerprint,
+                    texts_per_batch=opts.texts_per_batch, state=state, console=console)
         classifier_info = built[id(encoders[0].text)][1]
         payload = classify_shard(loader, total, encoders,
                                  {e.role: built[id(e.text)][0] for e in encoders}, device,
@@ -795,9 +747,11 @@ class TrainingZeroShot:
     def setup(self, teacher: CLIPTeacher, state, console: Console | None = None) -> None:
         """Build (or load) the class weights: once, on the teacher's device, split over ranks."""
         self.teacher = teacher
-        self.classifier, self.classifier_info = obtain_classifier(
-            teacher, self.evalset.classnames, self.templates, teacher.device, self.cache_dir,
-            state, 1024, console or Console(quiet=True))
+        self.classifier, self.classifier_info = cached_classifier(
+            text_encoder(teacher), teacher.tokenizer, teacher.identity.to_dict(),
+            self.evalset.classnames, self.templates, teacher.device, self.cache_dir,
+            dtype=teacher.dtype, tuned_text=teacher.text_fingerprint, state=state,
+            console=console or Console(quiet=True))
 
     def due(self, step: int, final: bool) -> bool:
         return final or (self.every > 0 and step > 0 and step % self.every == 0)

@@ -12,14 +12,12 @@ Two tasks, chosen by the recipe's `task` (docs/method.md §7):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
@@ -30,12 +28,12 @@ from uta_cli.data import (
     ArrayImageDataset,
     EvalTransform,
     View,
-    normalize,
 )
 from uta_cli.demo_data import demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_classifier import cached_classifier, zeroshot_accuracy
 from uta_cli.finetune_data import DataSpec, first_samples, open_data, train_source
 from uta_cli.io import cache_root
 from uta_cli.loading import (
@@ -66,11 +64,6 @@ from uta_cli.tasks.contrastive import ContrastiveTask, uta_clip
 from uta_cli.zeroshot import (
     TEXT_CONTEXTS,
     TextEncoder,
-    build_classifier,
-    classifier_cache_key,
-    evaluate,
-    load_cached_classifier,
-    save_cached_classifier,
 )
 
 TASKS = ("classification", "contrastive")
@@ -229,52 +222,6 @@ def student_view(name: str, start: Start, recipe: Recipe) -> View:
 
 
 # ----------------------------------------------------------------------------------------------
-# zero-shot pieces
-
-
-def class_embeddings(clip: nn.Module, tokenizer, identity, cacheable: bool,
-                     classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu",
-                     text_context: str = "trimmed") -> torch.Tensor:
-    """(embed_dim, num_classes): zeroshot.py's class weights (fp32, on `device`, the text tower
-    moved there for the encoding only), through its disk cache (shared with `uta zeroshot`)
-    unless the text tower was tuned (its identity would not tell it from the original)."""
-    cache_dir = os.path.join(cache_root(), "classifiers")
-    encode = TextEncoder(clip, text_context)
-    key = classifier_cache_key(identity.to_dict(), classnames, templates, "float32",
-                               text_context=encode.context)
-    if cacheable:
-        cached = load_cached_classifier(cache_dir, key, len(classnames))
-        if cached is not None:
-            return cached
-    clip.to(device)
-    weights = build_classifier(encode, tokenizer, classnames, templates, device).cpu()
-    clip.to("cpu")
-    if cacheable:
-        save_cached_classifier(cache_dir, key, weights, {"teacher": identity.model,
-                                                         "classes": len(classnames),
-                                                         "templates": len(templates),
-                                                         "dtype": "torch.float32"})
-    return weights
-
-
-def zeroshot_accuracy(clip: nn.Module, tokenizer, classnames: list[str], templates: list[str],
-                      batches, view: View, device: torch.device, autocast,
-                      text_context: str = "trimmed") -> dict[str, float]:
-    """zeroshot.py's protocol with `clip`'s own towers (the tuned ones during tuning)."""
-    was_training = clip.training
-    clip.eval()
-    with autocast:
-        classifier = build_classifier(TextEncoder(clip, text_context), tokenizer, classnames,
-                                      templates, device)
-        result = evaluate(clip.encode_image,
-                          ((normalize(b[view.name].to(device), view), b["label"])
-                           for b in batches if view.name in b), classifier)
-    clip.train(was_training)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
 # the two tasks
 
 
@@ -339,9 +286,13 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
                                 "or 'imagenet'.")
         say(f"[dim]zero-shot head: {len(data.classnames)} class names x {len(data.templates)} "
             f"templates through the teacher's text tower[/dim]")
-        head: nn.Module = ZeroShotHead(proj, class_embeddings(*text, data.classnames,
-                                                               data.templates, acc.device,
-                                                               f.text_context))
+        clip, tokenizer, identity, cacheable = text
+        # a tuned text tower is not cached: its identity would not tell it from the original
+        weights, _ = cached_classifier(TextEncoder(clip, f.text_context), tokenizer,
+                                       identity.to_dict(), data.classnames, data.templates,
+                                       acc.device, os.path.join(cache_root(), "classifiers")
+                                       if cacheable else "")
+        head: nn.Module = ZeroShotHead(proj, weights)
     else:
         head = nn.Linear(width, data.num_classes)
         nn.init.trunc_normal_(head.weight, std=2e-5)  # near-zero start, as EVA-02 / MAE
@@ -439,8 +390,8 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     if batches is not None and data.classnames:
         def validate(clip: nn.Module) -> dict:
             r = zeroshot_accuracy(clip, teacher.tokenizer, data.classnames, data.templates,
-                                  batches(), view, acc.device, acc.autocast(),
-                                  f.text_context)
+                                  batches(), view, acc.device, f.text_context,
+                                  autocast=acc.autocast)
             return {"val_zeroshot_acc1": r["acc1"], "val_zeroshot_acc5": r["acc5"]}
     else:
         say("[yellow]No labelled validation data with class names (data.val_source, "
@@ -471,8 +422,7 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
             teacher.clip.to(acc.device)
             r = zeroshot_accuracy(teacher.clip, teacher.tokenizer, data.classnames,
                                   data.templates, eval_loader(teacher_val, 256, 0),
-                                  teacher_view, acc.device, contextlib.nullcontext(),
-                                  f.text_context)
+                                  teacher_view, acc.device, f.text_context)
             return {"teacher_zeroshot_acc1": r["acc1"], "teacher_zeroshot_acc5": r["acc5"]}
     return task, reference
 

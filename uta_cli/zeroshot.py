@@ -13,8 +13,6 @@ process would have computed. Datasets, models and the command live in `evaluatio
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,9 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import atomic_path
 
-CLASSIFIER_CACHE_VERSION = 1
 # The CLIP paper's single prompt: the baseline that the 80-template ensemble improves on.
 SIMPLE_TEMPLATES = ("a photo of a {c}.",)
 RECALL_KS = (1, 5, 10)
@@ -307,52 +303,6 @@ def build_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tokeni
     part = classifier_part(encode_text, tokenizer, classnames, templates, device,
                            texts_per_batch, progress=progress)
     return assemble_classifier([part]).to(device)
-
-
-def classifier_cache_key(teacher: dict, classnames: Sequence[str], templates: Sequence,
-                         text_dtype: str, tuned_text: str = "",
-                         text_context: str = "full") -> str:
-    """What the class weights depend on: the text tower's weights and config, the prompts, the
-    dtype it ran in and the text context it ran over (TextEncoder.context: the one used, not
-    the one asked for). The teacher's path is left out, so a moved teacher still hits.
-    tuned_text: the fingerprint of tuned text weights that replaced the teacher's own."""
-    payload = {"v": CLASSIFIER_CACHE_VERSION, "text_context": text_context,
-               "weights": teacher.get("weights_fingerprint", ""),
-               "model": "local-dir" if str(teacher.get("model", "")).startswith("local-dir:")
-               else teacher.get("model", ""),
-               "model_cfg": teacher.get("model_cfg", {}), "dtype": text_dtype,
-               "classnames": list(classnames), "templates": template_strings(templates)}
-    if tuned_text:
-        payload["tuned_text"] = tuned_text
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def load_cached_classifier(cache_dir: str, key: str, num_classes: int) -> torch.Tensor | None:
-    """The cached (embed_dim, num_classes) weights, or None (missing or unreadable)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = os.path.join(cache_dir, f"{key}.safetensors")
-    if not os.path.isfile(path):
-        return None
-    try:
-        weights = load_file(path)["classifier"]
-    except (OSError, KeyError, SafetensorError):
-        return None  # a damaged entry is rebuilt and overwritten
-    return weights if weights.ndim == 2 and weights.shape[1] == num_classes else None
-
-
-def save_cached_classifier(cache_dir: str, key: str, classifier: torch.Tensor,
-                           info: dict) -> str:
-    """Write atomically (temp + rename): concurrent evaluations never read half a file."""
-    from safetensors.torch import save_file
-
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, f"{key}.safetensors")
-    with atomic_path(path) as tmp:
-        save_file({"classifier": classifier.detach().float().cpu().contiguous()}, tmp,
-                  metadata={k: str(v) for k, v in info.items()})
-    return path
 
 
 # --------------------------------------------------------------------------------------------
