@@ -157,7 +157,8 @@ def test_zeroshot_head_step_zero_equals_zeroshot_top1(full_run, uta_ckpt):
 
 
 def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
-    from uta_cli.finetune import build_classification, resolve_start
+    from uta_cli.finetune import build_classification
+    from uta_cli.loading import resolve_init
     from uta_cli.tasks.classification import EMA_FILE
 
     run_dir, summary = full_run
@@ -169,7 +170,7 @@ def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
     recipe = recipe_for("classification", uta_ckpt, **FULL)
     from uta_cli.engine import make_accelerator
 
-    task = build_classification(recipe, resolve_start(recipe), make_accelerator("fp32"),
+    task = build_classification(recipe, resolve_init(recipe.init), make_accelerator("fp32"),
                                 lambda *a, **k: None)
     task.model.load_state_dict(ema)
     again = task.evaluate(task.model)

@@ -211,12 +211,12 @@ def test_mim_checkpoint_zero_shots_fine_tunes_and_exports(runs, tmp_path):
     assert not any("mask_token" in name for name, _ in exported.named_parameters())
     assert json.loads((tmp_path / "mim.pt.json").read_text())["objective"] == "mim"
 
-    from uta_cli.finetune import resolve_start, uta_student
+    from uta_cli.loading import resolve_init
 
     recipe = load_recipe("finetune_demo", [f"init={runs['mim']}"])
-    start = resolve_start(recipe)
+    start = resolve_init(recipe.init)
     assert start.kind == "uta"
-    tuned = uta_student(start, drop_path=0.1)
+    tuned = start.student(drop_path=0.1)
     assert tuned.mask_token is None
     assert torch.equal(tuned.trunk.cls_token, trained["trunk.cls_token"])
 

@@ -30,7 +30,7 @@ from timm.layers import RotaryEmbeddingCat
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import load_model
+from uta_cli.loading import load_model, student_init_state
 from uta_cli.models import release as R
 from uta_cli.models.student import UTAStudent
 
@@ -426,15 +426,16 @@ def test_export_takes_a_release_file(tiny_file, tmp_path):
 
 def test_student_init_from_a_release_file(tiny_file):
     cfg = R.read_release(tiny_file)[1].student_config()
-    state = R.student_init_state(tiny_file, cfg, 48)
+    state, source = student_init_state(tiny_file, cfg, 48)
+    assert source == f"the released UTA file {tiny_file}"
     student = UTAStudent(cfg, 48)
     student.load_state_dict(state)  # strict
     wrong = R.read_release(tiny_file)[1].student_config()
     wrong.depth, wrong.timm_kwargs = 3, {}
     with pytest.raises(UtaUsageError, match="depth=3 .release: 2.*ref_feat_shape"):
-        R.student_init_state(tiny_file, wrong, 48)
+        student_init_state(tiny_file, wrong, 48)
     with pytest.raises(UtaUsageError, match="embed_dim=32"):
-        R.student_init_state(tiny_file, cfg, 32)
+        student_init_state(tiny_file, cfg, 32)
 
 
 # ------------------------------------------------------------------ the full-size base file

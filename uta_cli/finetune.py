@@ -16,14 +16,12 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from uta_cli import checkpoint as ckpt
 from uta_cli.data import (
     ArrayImageDataset,
     EvalTransform,
@@ -38,20 +36,15 @@ from uta_cli.finetune_data import DataSpec, first_samples, open_data, train_sour
 from uta_cli.io import cache_root
 from uta_cli.loading import (
     STUDENT_PREFIX,
-    student_state_dict,
-    teacher_from_meta,
-    tuned_clip_from_checkpoint,
+    Start,
+    load_open_clip_init,
+    load_timm_backbone,
+    resolve_init,
 )
-from uta_cli.models import release
-from uta_cli.models.release import ReleasedModel
-from uta_cli.models.student import UTAStudent, fit_mask_token
-from uta_cli.models.teacher import (
-    CLIPTeacher,
-    load_clip,
-    load_teacher,
-    teacher_tokenizer,
-)
-from uta_cli.recipe import Recipe, StudentConfig
+from uta_cli.models.release import ReleaseTextTower
+from uta_cli.models.student import UTAStudent
+from uta_cli.models.teacher import CLIPTeacher, load_teacher, teacher_tokenizer
+from uta_cli.recipe import Recipe
 from uta_cli.tasks.classification import (
     ClassificationModel,
     ClassificationTask,
@@ -134,75 +127,13 @@ def check_recipe(recipe: Recipe) -> None:
 # the starting model
 
 
-@dataclass
-class Start:
-    """What `init` resolved to."""
-
-    kind: str  # scratch | uta | uta-contrastive | uta-release | timm | open_clip
-    location: str = ""  # checkpoint folder, released file, timm or open_clip model name
-    meta: dict = field(default_factory=dict)
-    release: ReleasedModel | None = None  # uta-release: the loaded file (student + text tower)
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "location": self.location, "step": self.meta.get("step")}
-
-
-def resolve_start(recipe: Recipe) -> Start:
-    init = recipe.init.strip()
-    if not init:
-        return Start("scratch")
-    if init.startswith("timm:"):
-        return Start("timm", init[len("timm:"):])
-    if init.startswith("open_clip:"):
-        return Start("open_clip", init[len("open_clip:"):])
-    if not os.path.exists(init):
-        raise UtaUsageError(
-            f"init {init!r} does not exist. Give a UTA run directory or checkpoint folder (for "
-            f"the demo: run `uta pretrain` first, it writes runs/demo), a released uta_*.pt "
-            f"file, timm:MODEL or open_clip:MODEL, or --set init= for a random start.")
-    if release.resolve_format(init) == "uta-release":  # a released uta_*.pt file
-        rel = release.load_release(init)
-        return Start("uta-release", os.path.abspath(init), rel.meta, rel)
-    folder = ckpt.resolve_checkpoint(init)
-    meta = ckpt.load_meta(folder)
-    task = meta.get("task")
-    if task not in ckpt.UTA_STUDENT_TASKS:
-        raise UtaUsageError(
-            f"init {folder} is a '{task}' checkpoint; `uta finetune` starts from a UTA "
-            f"pre-training or contrastive-tuning checkpoint. To continue this run, use its "
-            f"--output-dir with --resume auto.")
-    return Start("uta" if task in ckpt.ALIGNMENT_TASKS else "uta-contrastive", folder, meta)
-
-
-def uta_student(start: Start, drop_path: float) -> UTAStudent:
-    """The student of a UTA checkpoint, rebuilt with the fine-tuning drop path."""
-    cfg = StudentConfig(**start.meta["student"])
-    cfg.drop_path = drop_path
-    cfg.init = ""
-    student = UTAStudent(cfg, int(start.meta["embed_dim"]))
-    if start.kind == "uta-release":
-        state = start.release.student.state_dict()
-        # the rebuilt student replaces it; otherwise a giant release stays in memory twice
-        start.release.student = None
-    else:
-        state = ckpt.load_weights(start.location)
-    if start.kind == "uta-contrastive":
-        state = student_state_dict(state)
-    student.load_state_dict(fit_mask_token(state, student))  # a MIM run's [MASK] is not needed
-    return student
-
-
-def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher:
-    """The CLIP whose text tower gives class embeddings (and is tuned in contrastive): the
-    checkpoint's verified teacher (with its tuned text tower after contrastive tuning), else the
-    recipe's teacher. A released file brings its own text tower."""
-    if start.kind == "uta-release":
-        return start.release.text_tower
-    relocated = recipe.teacher.weights if recipe.teacher.weights not in ("", "demo") else ""
-    if start.kind == "uta-contrastive":
-        return tuned_clip_from_checkpoint(start.location, relocated)[1]
-    if start.kind == "uta":
-        return teacher_from_meta(start.meta, relocated)
+def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher | ReleaseTextTower:
+    """The CLIP whose text tower gives class embeddings (and is tuned in contrastive): a UTA
+    checkpoint's own text side (its verified teacher, tuned or a release's), else the recipe's
+    teacher."""
+    if start.is_uta:
+        relocated = recipe.teacher.weights if recipe.teacher.weights not in ("", "demo") else ""
+        return start.text_tower(relocated)
     model, weights = recipe.teacher.model, recipe.teacher.weights
     if weights == "demo":
         model, weights = "local-dir:" + ensure_demo_teacher(recipe.demo, acc, say), ""
@@ -212,11 +143,8 @@ def start_teacher(recipe: Recipe, start: Start, acc, say) -> CLIPTeacher:
 def student_view(name: str, start: Start, recipe: Recipe) -> View:
     """The student's input: a UTA checkpoint's recorded preprocessing (what it was trained on),
     else the recipe's size and normalisation."""
-    if start.kind in ("uta", "uta-contrastive", "uta-release"):
-        sp = start.meta.get("student_preprocess") or {}
-        return View(name, int(sp.get("size", start.meta["student"]["image_size"])),
-                    tuple(sp.get("mean", recipe.data.mean)), tuple(sp.get("std", recipe.data.std)),
-                    sp.get("interpolation", "bicubic"))
+    if start.is_uta:
+        return start.preprocess(recipe.data.mean, recipe.data.std).view(name)
     return View(name, recipe.student.image_size, tuple(recipe.data.mean),
                 tuple(recipe.data.std))
 
@@ -238,15 +166,17 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
     text = None  # (clip, tokenizer, identity, cacheable) giving the zero-shot head
     teacher_identity = start.meta.get("teacher")
     if start.kind == "timm":
-        backbone, view = _timm_backbone(recipe, start)
+        backbone, preprocess = load_timm_backbone(
+            start.location, f.init_weights, recipe.student.timm_kwargs, recipe.student.drop_path,
+            recipe.data.mean, recipe.data.std)
+        view = preprocess.view("image")
         width, proj = backbone.num_features, None
         backbone_meta = {"kind": "timm", "model": start.location,
                          "timm_kwargs": recipe.student.timm_kwargs}
     elif start.kind == "open_clip":
-        clip, identity = _open_clip_init(recipe, start, acc, say)
+        clip, identity, preprocess = _open_clip_init(recipe, start, acc, say)
         backbone, width, proj = clip.visual, identity.embed_dim, nn.Identity()
-        view = View("image", identity.image_size, tuple(identity.mean), tuple(identity.std),
-                    identity.interpolation)
+        view = preprocess.view("image")
         text = (clip, teacher_tokenizer(identity.model), identity, True)
         teacher_identity = identity.to_dict()
         backbone_meta = {"kind": "open_clip", "open_clip": identity.to_dict()}
@@ -263,7 +193,7 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
             embed_dim = text[2].embed_dim if text else recipe.student.width
             student = UTAStudent(recipe.student, embed_dim)
         else:
-            student = uta_student(start, recipe.student.drop_path)
+            student = start.student(recipe.student.drop_path)
         backbone, width, proj = student.trunk, student.cfg.width, student.head
         view = student_view("image", start, recipe)
         backbone_meta = {"kind": "uta-student", "student": dataclasses.asdict(student.cfg),
@@ -320,46 +250,15 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
                               ema_decay=f.ema_decay, ema_warmup=f.ema_warmup, meta=meta)
 
 
-def _timm_backbone(recipe: Recipe, start: Start) -> tuple[nn.Module, View]:
-    import timm
-
-    weights = recipe.finetune.init_weights
-    kwargs = dict(recipe.student.timm_kwargs)
-    kwargs.setdefault("drop_path_rate", recipe.student.drop_path)
-    if weights and not os.path.isfile(weights):
-        raise UtaUsageError(f"finetune.init_weights {weights} is not a file. Give a local "
-                            f"weights file for {start.location}, or leave it empty for the "
-                            f"hub's weights (needs network).")
-    if start.location not in timm.list_models(pretrained=False) and \
-            start.location.split(".")[0] not in timm.list_models(pretrained=False):
-        raise UtaUsageError(f"timm has no model {start.location!r} (init: timm:NAME, e.g. "
-                            f"timm:vit_base_patch16_224.augreg_in21k).")
-    overlay = {"file": weights} if weights else None
-    try:
-        model = timm.create_model(start.location, pretrained=True, num_classes=0,
-                                  pretrained_cfg_overlay=overlay, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UtaUsageError(f"Cannot load the weights of timm model {start.location}: {e}. "
-                            f"Offline? Set finetune.init_weights to a local file.") from None
-    cfg = model.pretrained_cfg
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    size = size[0] if isinstance(size, (tuple, list)) else size or cfg["input_size"][-1]
-    interp = cfg.get("interpolation")
-    view = View("image", int(size), tuple(cfg.get("mean", recipe.data.mean)),
-                tuple(cfg.get("std", recipe.data.std)),
-                interp if interp in ("bicubic", "bilinear", "nearest") else "bicubic")
-    return model, view
-
-
 def _open_clip_init(recipe: Recipe, start: Start, acc, say):
     model, weights = start.location, recipe.finetune.init_weights
     if model == "demo":  # the cached demo teacher's image tower
         model, weights = "local-dir:" + ensure_demo_teacher(recipe.demo, acc, say), ""
-    clip, identity = load_clip(model, weights)
+    loaded = load_open_clip_init(model, weights)
     if recipe.student.drop_path > 0:
         say("[yellow]open_clip image towers have no drop path; student.drop_path is "
             "ignored.[/yellow]")
-    return clip, identity
+    return loaded
 
 
 def build_contrastive(recipe: Recipe, start: Start, acc, say
@@ -372,7 +271,7 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     if start.kind == "scratch":
         student = UTAStudent(recipe.student, teacher.embed_dim)
     else:
-        student = uta_student(start, recipe.student.drop_path)
+        student = start.student(recipe.student.drop_path)
     if student.embed_dim != teacher.embed_dim:
         raise UtaUsageError(f"The student projects to {student.embed_dim} dimensions, the "
                             f"teacher's text tower to {teacher.embed_dim}.")
@@ -469,7 +368,7 @@ def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                  console: Console | None = None, allow_changes: Sequence[str] = ()) -> dict:
     console = console or Console()
     check_recipe(recipe)
-    start = resolve_start(recipe)
+    start = resolve_init(recipe.init)
     acc = make_accelerator(recipe.train.precision)
     main = acc.is_main_process
     say = console.print if main else (lambda *a, **k: None)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +15,6 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import Subset
 
-from uta_cli import checkpoint as ckpt
 from uta_cli.data import (
     ArrayImageDataset,
     EvalTransform,
@@ -31,49 +29,12 @@ from uta_cli.demo_data import CLASSNAMES, demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher, zeroshot_demo
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
+from uta_cli.loading import student_init_state
 from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.alignment import AlignmentTask
-
-# what decides the shapes of a student's weights
-_SHAPE_FIELDS = ("family", "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio")
-
-
-def student_init_state(recipe: Recipe, embed_dim: int) -> tuple[dict[str, torch.Tensor], str]:
-    """student.init's weights (and a description): a released UTA file (uta_*.pt), or the
-    student of a UTA pre-training or contrastive-tuning checkpoint. The recipe's student must
-    have the same shape; a mismatch is named field by field instead of failing in
-    load_state_dict."""
-    init, cfg = recipe.student.init, recipe.student
-    if os.path.isfile(init):
-        from uta_cli.models import release
-
-        return release.student_init_state(init, cfg, embed_dim), \
-            f"the released UTA file {init}"
-    folder = ckpt.resolve_checkpoint(init)
-    meta = ckpt.load_meta(folder)
-    task = meta.get("task")
-    if task not in ckpt.UTA_STUDENT_TASKS:
-        raise UtaUsageError(f"student.init {folder} is a '{task}' checkpoint. student.init takes "
-                            f"a UTA pre-training or contrastive-tuning checkpoint, or a released "
-                            f"uta_*.pt file.")
-    want, have = dataclasses.asdict(cfg), meta["student"]
-    diffs = [f"student.{k}={want[k]!r} (checkpoint: {have.get(k)!r})" for k in _SHAPE_FIELDS
-             if have.get(k) != want[k]]
-    if int(meta["embed_dim"]) != embed_dim:
-        diffs.append(f"teacher embed_dim {embed_dim} (checkpoint: {meta['embed_dim']})")
-    if diffs:
-        raise UtaUsageError(f"student.init {folder} does not fit the recipe: {'; '.join(diffs)}. "
-                            f"Set the student section to the checkpoint's (the 'student' of its "
-                            f"meta.json) and use the same teacher.")
-    state = ckpt.load_weights(folder)
-    if task == "uta-contrastive":
-        from uta_cli.loading import student_state_dict
-
-        state = student_state_dict(state)
-    return state, f"{folder} ({task}, step {meta.get('step')})"
 
 
 def describe(recipe: Recipe) -> Table:
@@ -137,7 +98,8 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     set_seed(recipe.seed)  # the same initial student on every rank
     student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=recipe.objective == "mim")
     if recipe.student.init:
-        state, source = student_init_state(recipe, teacher.embed_dim)
+        state, source = student_init_state(recipe.student.init, recipe.student,
+                                           teacher.embed_dim)
         student.load_state_dict(fit_mask_token(state, student))
         say(f"student initialised from {source}")
     student.set_grad_checkpointing(recipe.train.grad_checkpointing)

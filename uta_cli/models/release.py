@@ -453,24 +453,3 @@ def text_tower_from_meta(recorded: dict, weights_override: str = "") -> ReleaseT
                             f"different file (fingerprint mismatch). Point --teacher-weights at "
                             f"the release used for tuning.")
     return _text_tower(state, arch, meta, path)
-
-
-def student_init_state(path: str, cfg: StudentConfig, embed_dim: int) -> dict[str, torch.Tensor]:
-    """The release's vision weights for `student.init`; the student config must match."""
-    state, arch, _ = read_release(path)
-    want = arch.student_config()
-    diffs = [f"{f}={getattr(cfg, f)!r} (release: {getattr(want, f)!r})"
-             for f in ("family", "image_size", "patch_size", "width", "depth", "heads")
-             if getattr(cfg, f) != getattr(want, f)]
-    if int(cfg.width * cfg.mlp_ratio) != arch.mlp_hidden:
-        diffs.append(f"mlp_ratio={cfg.mlp_ratio} (release hidden {arch.mlp_hidden}: "
-                     f"mlp_ratio {want.mlp_ratio!r})")
-    ref = cfg.timm_kwargs.get("ref_feat_shape")
-    if ref is None or list(ref) != [ROPE_REF_GRID, ROPE_REF_GRID]:
-        diffs.append(f"timm_kwargs.ref_feat_shape={ref!r} (release: [16, 16])")
-    if embed_dim != arch.embed_dim:
-        diffs.append(f"teacher embed_dim={embed_dim} (release head: {arch.embed_dim})")
-    if diffs:
-        raise UtaUsageError(f"student.init {path} is {arch.name}, which does not match the "
-                            f"recipe's student: {'; '.join(diffs)}.")
-    return vision_state(state)
