@@ -37,7 +37,7 @@ from uta_cli.demo_data import (
 )
 from uta_cli.engine import Engine, EngineConfig
 from uta_cli.eval_classifier import zeroshot_accuracy
-from uta_cli.io import replace
+from uta_cli.io import atomic_path
 from uta_cli.recipe import DemoConfig
 from uta_cli.tasks.contrastive import ContrastiveTask
 
@@ -106,18 +106,16 @@ def ensure_demo_teacher(cfg: DemoConfig, accelerator: Accelerator, say=print) ->
     result = Engine(engine_cfg, accelerator, build_dir).fit(task, resume="auto",
                                                             label="demo teacher")
     if accelerator.is_main_process:
-        tmp = final + f".partial{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
-            json.dump({"model_cfg": TEACHER_MODEL_CFG, "preprocess_cfg": TEACHER_PREPROCESS}, f,
-                      indent=1)
-        state = {k: v.contiguous() for k, v in result["model"].state_dict().items()}
-        save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
-        with open(os.path.join(tmp, "demo_teacher.json"), "w") as f:
-            json.dump({"steps": result["step"], "heldout": result["val"],
-                       "demo": dataclasses.asdict(cfg)}, f, indent=1)
-        replace(tmp, final)
+        with atomic_path(final) as tmp:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "open_clip_config.json"), "w") as f:
+                json.dump({"model_cfg": TEACHER_MODEL_CFG, "preprocess_cfg": TEACHER_PREPROCESS},
+                          f, indent=1)
+            state = {k: v.contiguous() for k, v in result["model"].state_dict().items()}
+            save_file(state, os.path.join(tmp, "open_clip_model.safetensors"))
+            with open(os.path.join(tmp, "demo_teacher.json"), "w") as f:
+                json.dump({"steps": result["step"], "heldout": result["val"],
+                           "demo": dataclasses.asdict(cfg)}, f, indent=1)
         shutil.rmtree(build_dir, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -40,7 +40,7 @@ from uta_cli.errors import (
     UtaUsageError,
     is_out_of_memory,
 )
-from uta_cli.io import atomic_write_text, replace
+from uta_cli.io import atomic_path, atomic_write_json, atomic_write_text
 from uta_cli.progress import StepProgress
 from uta_cli.recipe import Recipe, recipe_to_dict
 from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
@@ -231,8 +231,7 @@ class Engine:
         meta = {"uta_version": __version__, "meta_schema": ckpt.META_SCHEMA, "step": step,
                 "epoch": epoch, "task": task.name, "recipe": self.cfg.recipe,
                 **task.checkpoint_meta(), **extra_meta}
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
+        atomic_write_json(os.path.join(folder, "meta.json"), meta, final_newline=False)
         save_extra = getattr(task, "save_extra", None)
         if save_extra is not None:
             save_extra(folder)
@@ -256,14 +255,12 @@ class Engine:
         checkpoint is for evaluation and export, resuming uses the step-named ones)."""
         self.best = {"metric": self.cfg.best_metric, "value": value, "step": step}
         os.makedirs(self.ckpt_root, exist_ok=True)
-        tmp = os.path.join(self.ckpt_root, ".best.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        ckpt.write_weights(tmp, self.acc.unwrap_model(model).state_dict())
-        self._write_meta_and_extra(task, tmp, step, epoch, best=self.best)
-        # Directories cannot be replaced in one rename: move the old one aside first, so that
-        # some complete best checkpoint exists at every moment (_load_best reads either).
-        replace(tmp, self.best_dir, aside=self.best_dir + ".old")
+        # Directories cannot be replaced in one rename: the old one is moved aside first, so
+        # that some complete best checkpoint exists at every moment (_load_best reads either).
+        with atomic_path(self.best_dir, aside=self.best_dir + ".old") as tmp:
+            os.makedirs(tmp)
+            ckpt.write_weights(tmp, self.acc.unwrap_model(model).state_dict())
+            self._write_meta_and_extra(task, tmp, step, epoch, best=self.best)
         from uta_cli.outputs import mirror_of
 
         mirror = mirror_of(self.run_dir)

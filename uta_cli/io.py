@@ -44,14 +44,14 @@ def replace(tmp: str, final: str, aside: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """A temp path to write; renamed onto `path` when the block succeeds, removed when it fails
-    (Ctrl-C included)."""
+def atomic_path(path: str, aside: str | None = None) -> Iterator[str]:
+    """A temp path to write (a file or a folder); renamed onto `path` when the block succeeds,
+    removed when it fails (Ctrl-C included). `aside`: see `replace`."""
     tmp = f"{path}.tmp{os.getpid()}"
     remove(tmp)
     try:
         yield tmp
-        replace(tmp, path)
+        replace(tmp, path, aside)
     finally:
         remove(tmp)
 
