@@ -4,6 +4,7 @@ with plain open_clip; dynamic batch; metadata; errors; nothing half-written."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import uta_cli.export as ex
+import uta_cli.export_formats as formats
 from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
 from uta_cli.data import EvalTransform, View, normalize
@@ -218,7 +220,7 @@ def test_onnx_falls_back_to_the_legacy_exporter(eva_ckpt, tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("dynamo is unavailable here")
 
-    monkeypatch.setattr(ex, "_export_onnx_dynamo", broken)
+    monkeypatch.setattr(formats, "_export_onnx_dynamo", broken)
     lines: list[str] = []
     out = tmp_path / "legacy.onnx"
     result = ex.export_checkpoint(ex.ExportOptions(ckpt=eva_ckpt, format="onnx", output=str(out)),
@@ -296,13 +298,13 @@ def test_failed_export_leaves_nothing_behind(eva_ckpt, tmp_path, monkeypatch):
 
 
 def test_verification_failure_exits_1_and_writes_nothing(eva_ckpt, tmp_path, monkeypatch):
-    real = ex.load_runner
+    real = formats.REGISTRY["torchscript"]
 
-    def drifting(fmt, path):  # a conversion that drifts numerically
-        run = real(fmt, path)
-        return lambda x: run(x) + 1e-2
+    def drifting(path):  # a conversion that drifts numerically
+        run = real.load(path).image
+        return formats.Reloaded(lambda x: run(x) + 1e-2)
 
-    monkeypatch.setattr(ex, "load_runner", drifting)
+    monkeypatch.setitem(formats.REGISTRY, "torchscript", dataclasses.replace(real, load=drifting))
     out = tmp_path / "m.torchscript"
     result = _invoke(["--ckpt", eva_ckpt, "--format", "torchscript", "--output", str(out)])
     assert result.exit_code == 1, result.output

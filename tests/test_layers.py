@@ -5,7 +5,8 @@ Layers, top first (a module is in the first layer with a matching prefix):
 
     app        the Typer app and its commands
     workflows  pretrain, finetune, evaluation (zeroshot runs), export, ...
-    tasks      training tasks, the engine, zero-shot scoring, linear probe, the demo teacher
+    tasks      training tasks, the engine, zero-shot scoring, linear probe, the demo teacher,
+               export formats
     loading    checkpoints of any kind as models; checkpoint files, data, datasets
     ground     models/, recipe, masking, losses, io, progress, errors
 
@@ -27,11 +28,12 @@ import uta_cli
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("uta_cli.app", "uta_cli.__main__", "uta_cli.commands")),
     ("workflows", ("uta_cli.pretrain", "uta_cli.finetune", "uta_cli.evaluation",
-                   "uta_cli.export", "uta_cli.hub", "uta_cli.inspect_mask",
+                   "uta_cli.export", "uta_cli.inspect_mask",
                    "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot", "uta_cli.convert")),
     ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
                "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data",
-               "uta_cli.demo_teacher", "uta_cli.eval_classifier")),
+               "uta_cli.demo_teacher", "uta_cli.eval_classifier", "uta_cli.export_formats",
+               "uta_cli.export_verify", "uta_cli.hub")),
     ("loading", ("uta_cli.loading", "uta_cli.checkpoint", "uta_cli.data", "uta_cli.datasets",
                  "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
     ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",
@@ -45,7 +47,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 WORKFLOW_SIBLING_IMPORTS = {
     # zero-shot while training (TrainingZeroShot) shares the run loop's classify_shard
     ("uta_cli.pretrain", "uta_cli.evaluation"),
-    ("uta_cli.export", "uta_cli.hub"),  # the hf-hub format writer
 }
 
 
