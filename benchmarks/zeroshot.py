@@ -46,7 +46,7 @@ from uta_cli.eval_classifier import (
     save_cached_classifier,
 )
 from uta_cli.eval_datasets import resolve_dataset
-from uta_cli.evaluation import classify_shard, merge_classification, shard_loader
+from uta_cli.eval_shards import classify_shard, merge_classification, shard_loader
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import StudentConfig

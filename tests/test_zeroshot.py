@@ -27,7 +27,7 @@ from uta_cli.encoders import build_encoders, resolve_precision, text_encoder
 from uta_cli.errors import UtaUsageError
 from uta_cli.eval_classifier import cached_classifier, classifier_cache_key
 from uta_cli.eval_datasets import parse_captions, resolve_dataset, resolve_eval_templates
-from uta_cli.evaluation import (
+from uta_cli.eval_shards import (
     classify_shard,
     merge_classification,
     merge_retrieval,

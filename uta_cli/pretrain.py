@@ -142,7 +142,7 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     zeroshot = None
     if recipe.eval.zeroshot not in ("", "none") and \
             (recipe.eval.zeroshot != "demo" or recipe.eval.zeroshot_every > 0):
-        from uta_cli.evaluation import TrainingZeroShot
+        from uta_cli.eval_training import TrainingZeroShot
 
         zeroshot = TrainingZeroShot.from_recipe(recipe, views[0])
         say(f"[dim]{escape(zeroshot.describe())}[/dim]")

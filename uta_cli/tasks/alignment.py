@@ -78,7 +78,7 @@ class AlignmentTask:
         self.accelerator: Accelerator | None = None
         self.compiled = False  # train.compile, resolved in setup
         self._teacher_tokens = self._alignment_loss = None
-        # eval.zeroshot while training: an evaluation.TrainingZeroShot, or None
+        # eval.zeroshot while training: an eval_training.TrainingZeroShot, or None
         self.zeroshot = zeroshot
 
     def setup(self, accelerator: Accelerator) -> None:
