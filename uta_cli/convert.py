@@ -20,6 +20,7 @@ from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import replace
+from uta_cli.loading import student_preprocess
 from uta_cli.models.open_clip_folder import export_open_clip, load_open_clip, point_open_clip_at
 from uta_cli.models.release import ReleasedModel, load_release
 from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
@@ -45,9 +46,9 @@ def convert_release(path: str, output: str, force: bool = False,
                   os.path.join(tmp, "model.safetensors"))
         save_file({k: v.contiguous() for k, v in rel.text_tower.clip.state_dict().items()},
                   os.path.join(tmp, "text_tower.safetensors"))
-        pp = rel.meta["student_preprocess"]
-        oc_meta = {"input_size": [3, pp["size"], pp["size"]], "mean": pp["mean"],
-                   "std": pp["std"], "interpolation": pp["interpolation"]}
+        pp = student_preprocess(rel.meta)
+        oc_meta = {"input_size": [3, pp.size, pp.size], "mean": list(pp.mean),
+                   "std": list(pp.std), "interpolation": pp.interpolation}
         oc_tmp = os.path.join(tmp, "open_clip")
         export_open_clip(rel.student, rel.text_tower, oc_tmp, oc_meta)
         _verify_open_clip(rel, oc_tmp, say)  # still pointing at itself: loadable here
@@ -60,8 +61,8 @@ def convert_release(path: str, output: str, force: bool = False,
             model="local-dir:" + oc_final, weights="local-dir:" + oc_final,
             weights_fingerprint=file_fingerprint(
                 os.path.join(oc_tmp, "open_clip_model.safetensors")),
-            embed_dim=rel.arch.embed_dim, image_size=pp["size"], mean=pp["mean"],
-            std=pp["std"], interpolation=pp["interpolation"],
+            embed_dim=rel.arch.embed_dim, image_size=pp.size, mean=list(pp.mean),
+            std=list(pp.std), interpolation=pp.interpolation,
             model_cfg=oc_cfg["model_cfg"]).to_dict()
         meta["format"] = "uta"
         meta["uta_version"] = __version__

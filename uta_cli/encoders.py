@@ -154,11 +154,9 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     if with_teacher and teacher.text_fingerprint:
         original = teacher_from_meta(meta, teacher_weights).to(device, precision)
     ident = teacher.identity
-    sp = meta.get("student_preprocess") or {}
-    student_view = eval_view("student", sp.get("size", meta["student"]["image_size"]),
-                             sp.get("mean", ident.mean), sp.get("std", ident.std),
-                             sp.get("interpolation", "bicubic"),
-                             sp.get("resize_mode", "shortest"))
+    sp = loaded.preprocess(ident.mean, ident.std)
+    student_view = eval_view("student", sp.size, sp.mean, sp.std, sp.interpolation,
+                             sp.resize_mode)
     encoders = [Encoder("student", student_label(meta), meta["checkpoint_dir"], student_view,
                         StudentEncoder(student, device, precision), teacher)]
     if with_teacher:

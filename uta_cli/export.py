@@ -152,8 +152,10 @@ def checkpoint_hash(folder: str) -> str:
 
 def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
                    classnames: list[str] | None, templates: list | None) -> dict:
-    pp = meta.get("student_preprocess") or {}
-    size = int(pp.get("size", student.cfg.image_size))
+    from uta_cli.loading import student_preprocess
+
+    pp = student_preprocess(meta)
+    size = pp.size
     md = {
         "format": fmt,
         "output_kind": kind,
@@ -161,9 +163,9 @@ def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
         "output_name": OUTPUT_NAMES[kind],
         "input_size": [3, size, size],
         "input_range": "RGB scaled to [0, 1], then (x - mean) / std per channel",
-        "mean": [float(v) for v in pp.get("mean", [])],
-        "std": [float(v) for v in pp.get("std", [])],
-        "interpolation": pp.get("interpolation", "bicubic"),
+        "mean": [float(v) for v in pp.mean],
+        "std": [float(v) for v in pp.std],
+        "interpolation": pp.interpolation,
         # the zero-shot protocol of uta_cli.data.EvalTransform
         "resize": "shortest side to input size",
         "crop": "center",
