@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +42,7 @@ from uta_cli.export_verify import (
     summary,
     verify,
 )
-from uta_cli.io import atomic_write_json, remove, replace
+from uta_cli.io import atomic_path, atomic_write_json
 from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
 
 # what callers of the workflow use, wherever it is defined
@@ -193,25 +193,12 @@ def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
     return md
 
 
-# -- staging: nothing half-written at the output path ----------------------------------------------
-@contextlib.contextmanager
-def staged(final: str) -> Iterator[str]:
-    """A temp path beside `final` (same filesystem, so the rename is atomic), removed on any
-    failure, including Ctrl-C."""
-    parent, name = os.path.split(final)
+def _make_parent(output: str) -> None:
+    parent = os.path.dirname(output)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
         raise UtaUsageError(f"Cannot create the output folder {parent}: {e}") from None
-    # The name keeps its suffix last: torch.export.load and onnxruntime look at it.
-    tmp = os.path.join(parent, f".partial-{os.getpid()}-{name}")
-    remove(tmp)
-    try:
-        yield tmp
-    finally:
-        # After a commit nothing is left under these names; after a failure this is the cleanup.
-        for leftover in (tmp, f"{tmp}.json", f"{tmp}.old"):
-            remove(leftover)
 
 
 def _local_teacher_dir(meta: dict) -> str:
@@ -274,7 +261,12 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
         spec.check(job)
 
     side = spec.side_file(output)
-    with staged(output) as tmp:
+    _make_parent(output)
+    # Nothing half-written at the output path: the artefact and its side file are staged beside
+    # it and renamed into place only once verified, the artefact first.
+    with contextlib.ExitStack() as staging:
+        tmp_side = staging.enter_context(atomic_path(side)) if side else None
+        tmp = staging.enter_context(atomic_path(output))
         say(f"exporting {kind} ({fmt}) from {meta['checkpoint_dir']}")
         try:
             exporter = spec.write(job, tmp)
@@ -301,10 +293,7 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
         if spec.metadata == "folder":
             atomic_write_json(os.path.join(tmp, OPEN_CLIP_METADATA), metadata)
         if side:
-            atomic_write_json(f"{tmp}.json", metadata)
-        replace(tmp, output)  # an old one (--force) goes only after
-        if side:
-            replace(f"{tmp}.json", side)
+            atomic_write_json(tmp_side, metadata)
     say(f"wrote {output}" + (f" and {side}" if side else ""))
     if fmt == "hf-hub":
         if opts.push_to_hub:

@@ -46,8 +46,10 @@ def replace(tmp: str, final: str, aside: str | None = None) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str, aside: str | None = None) -> Iterator[str]:
     """A temp path to write (a file or a folder); renamed onto `path` when the block succeeds,
-    removed when it fails (Ctrl-C included). `aside`: see `replace`."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    removed when it fails (Ctrl-C included). `aside`: see `replace`. The temp name is hidden and
+    keeps the name's suffix last, for readers that go by it (onnxruntime, torch.export.load)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".tmp{os.getpid()}-{name}")
     remove(tmp)
     try:
         yield tmp
