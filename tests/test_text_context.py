@@ -246,3 +246,30 @@ def test_command_line_lists_the_text_contexts():
 
     assert typing.get_args(zeroshot_cmd.TextContext) == Z.TEXT_CONTEXTS
     assert typing.get_args(export_cmd.TextContext) == Z.TEXT_CONTEXTS
+
+
+def test_zeroshot_accuracy_runs_zeroshot_core_in_eval_mode_and_restores_it():
+    """eval_classifier.zeroshot_accuracy (tuning validation, the demo's report) is the zero-shot
+    core: over the full context it is `encode_text` + evaluate on normalised uint8 batches; the
+    CLIP is scored in eval mode and left in the mode it came in."""
+    from uta_cli.data import View, normalize
+    from uta_cli.eval_classifier import zeroshot_accuracy
+
+    clip, tokenizer = clip_tower(), open_clip.get_tokenizer("ViT-B-16")
+    view = View("image", 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (24, 3, 32, 32),
+                                                                 dtype=np.uint8))
+    weights = Z.build_classifier(clip.encode_text, tokenizer, CLASSNAMES, TEMPLATES)
+    with torch.no_grad():
+        top = Z.zero_shot_logits(clip.encode_image(normalize(images, view)), weights)
+    # each image labelled with its 1st, 2nd or 3rd ranked class: top-1 1/3, top-5 all
+    labels = top.argsort(dim=-1, descending=True)[torch.arange(24), torch.arange(24) % 3]
+    want = Z.evaluate(clip.encode_image, [(normalize(images, view), labels)], weights)
+    assert want["acc1"] == 1 / 3 and want["acc5"] == 1.0
+    batches = [{"image": images[:10], "label": labels[:10]},
+               {"image": images[10:], "label": labels[10:]}]
+    clip.train()
+    for context in Z.TEXT_CONTEXTS:
+        got = zeroshot_accuracy(clip, tokenizer, CLASSNAMES, TEMPLATES, batches, view, "cpu",
+                                context)
+        assert got == want and clip.training

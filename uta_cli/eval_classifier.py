@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from uta_cli.data import View, normalize
-from uta_cli.io import atomic_path
+from uta_cli.io import atomic_path, cache_root
 from uta_cli.progress import progress_bar
 from uta_cli.zeroshot import (
     TextEncoder,
@@ -40,6 +40,11 @@ CLASSIFIER_CACHE_VERSION = 1
 
 # --------------------------------------------------------------------------------------------
 # the disk cache
+
+
+def default_cache_dir() -> str:
+    """Where class weights are cached unless told otherwise: <uta cache>/classifiers."""
+    return os.path.join(cache_root(), "classifiers")
 
 
 def classifier_cache_key(teacher: dict, classnames: Sequence[str], templates: Sequence,

@@ -4,7 +4,6 @@ class weights (and disk cache) and the same sharded loop as `uta zeroshot`."""
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,10 +13,9 @@ from uta_cli.data import EvalTransform, View
 from uta_cli.datasets import ImageFolderIndex
 from uta_cli.encoders import Encoder, eval_view, text_encoder
 from uta_cli.errors import UtaUsageError
-from uta_cli.eval_classifier import cached_classifier
+from uta_cli.eval_classifier import cached_classifier, default_cache_dir
 from uta_cli.eval_datasets import EvalSet, resolve_dataset, resolve_eval_templates
 from uta_cli.eval_shards import classify_shard, merge_classification, shard_loader
-from uta_cli.io import cache_root
 
 if TYPE_CHECKING:
     from uta_cli.models.teacher import CLIPTeacher
@@ -72,7 +70,7 @@ class TrainingZeroShot:
                          student_view.interpolation, student_view.resize_mode)
         return cls(_spread_subset(evalset, e.zeroshot_samples), templates_name, templates, view,
                    e.zeroshot_every, recipe.data.batch_size, recipe.data.num_workers,
-                   os.path.join(cache_root(), "classifiers"))
+                   default_cache_dir())
 
     def describe(self) -> str:
         n = self.evalset.num_samples

@@ -36,7 +36,7 @@ from uta_cli.encoders import (
     text_encoder,
 )
 from uta_cli.errors import UtaUsageError
-from uta_cli.eval_classifier import cached_classifier
+from uta_cli.eval_classifier import cached_classifier, default_cache_dir
 from uta_cli.eval_datasets import resolve_dataset, resolve_eval_templates
 from uta_cli.eval_report import ZeroShotResult
 from uta_cli.eval_shards import (
@@ -49,7 +49,6 @@ from uta_cli.eval_shards import (
     retrieval_shard,
     shard_loader,
 )
-from uta_cli.io import cache_root
 from uta_cli.zeroshot import TEXT_CONTEXTS
 
 if TYPE_CHECKING:
@@ -191,10 +190,7 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
                "the dataset's own" if evalset.default_templates != "openai" else
                "OpenAI's ImageNet set (the dataset brings none)"), highlight=False)
 
-    cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir
-    if not cache_dir and opts.cache_dir.lower() != "none":
-
-        cache_dir = os.path.join(cache_root(), "classifiers")
+    cache_dir = "" if opts.cache_dir.lower() == "none" else opts.cache_dir or default_cache_dir()
     loader, total = shard_loader(evalset, transform, state.process_index, state.num_processes,
                                  opts.batch_size, opts.workers, pin=device.type == "cuda")
     classifier_info: dict = {}

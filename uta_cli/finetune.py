@@ -31,9 +31,8 @@ from uta_cli.demo_data import demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher
 from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
 from uta_cli.errors import UtaUsageError
-from uta_cli.eval_classifier import cached_classifier, zeroshot_accuracy
+from uta_cli.eval_classifier import cached_classifier, default_cache_dir, zeroshot_accuracy
 from uta_cli.finetune_data import DataSpec, first_samples, open_data, train_source
-from uta_cli.io import cache_root
 from uta_cli.loading import (
     STUDENT_PREFIX,
     Start,
@@ -220,8 +219,7 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
         # a tuned text tower is not cached: its identity would not tell it from the original
         weights, _ = cached_classifier(TextEncoder(clip, f.text_context), tokenizer,
                                        identity.to_dict(), data.classnames, data.templates,
-                                       acc.device, os.path.join(cache_root(), "classifiers")
-                                       if cacheable else "")
+                                       acc.device, default_cache_dir() if cacheable else "")
         head: nn.Module = ZeroShotHead(proj, weights)
     else:
         head = nn.Linear(width, data.num_classes)
