@@ -19,14 +19,12 @@ from torch.utils.data import DataLoader
 
 from uta_cli.datasets import (
     ImageFolderDataset,
-    TarShardDataset,
     collate_skip_none,
     decode_image,
-    expand_braces,
     index_image_folder,
-    sample_id_for,
 )
 from uta_cli.errors import UtaUsageError
+from uta_cli.tar_shards import TarShardDataset, expand_braces, sample_id_for
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -418,7 +416,7 @@ def test_memory_shard_with_corrupt_image_and_damaged_shard(memroot, tmp_path, ca
     whole = _shard_bytes(2, n=4)
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole[: 3584 + 512 + 100])
-    with caplog.at_level(logging.WARNING, logger="uta_cli.datasets"):
+    with caplog.at_level(logging.WARNING, logger="uta_cli.tar_shards"):
         items = list(TarShardDataset([str(cut)], _to_tensor))
     assert [x["caption"] for x in items] == ["caption 2-0"]
     assert any("cut.tar" in r.getMessage() for r in caplog.records)

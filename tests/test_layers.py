@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "uta_cli.export_verify", "uta_cli.hub",
                "uta_cli.eval_shards", "uta_cli.eval_report", "uta_cli.eval_training")),
     ("loading", ("uta_cli.loading", "uta_cli.checkpoint", "uta_cli.data", "uta_cli.datasets",
-                 "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
+                 "uta_cli.tar_shards", "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
     ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",
                 "uta_cli.io", "uta_cli.outputs", "uta_cli.progress", "uta_cli.errors",
                 "uta_cli")),

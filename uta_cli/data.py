@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from uta_cli.datasets import (
     ImageFolderDataset,
-    TarShardDataset,
     collate_skip_none,
     index_image_folder,
 )
 from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, generate_masks, keep_indices, validate_mask_spec
+from uta_cli.tar_shards import TarShardDataset
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -287,8 +287,8 @@ def count_tar_records(tar, shard: str) -> int:
     A plain tar is counted from its member headers alone, seeking past the data; a compressed,
     damaged or unusual one (anything the header walk does not follow exactly) is counted by
     `tar`'s own reader, so the count is always what training reads."""
-    from uta_cli.datasets import _split_member
     from uta_cli.io import url_to_fs
+    from uta_cli.tar_shards import split_member
 
     fs, path = url_to_fs(shard)
     try:
@@ -300,7 +300,7 @@ def count_tar_records(tar, shard: str) -> int:
         return sum(1 for _ in tar._read_shard(shard))
     count, key = 0, None
     for name in names:
-        split = _split_member(name)
+        split = split_member(name)
         if split is not None and split[0] != key:
             count, key = count + 1, split[0]
     return count

@@ -57,7 +57,7 @@ def describe_data(source: str, fmt: str, key: str, recipe: Recipe) -> str:
                 f"{recipe.demo.val_images} held out)")
     kind = detect_format(source, fmt)
     if kind == "tar":
-        from uta_cli.datasets import expand_shard_urls
+        from uta_cli.tar_shards import expand_shard_urls
 
         shards = expand_shard_urls(source)
         missing = [s for s in shards[:1] + shards[-1:] if not _exists(s)]

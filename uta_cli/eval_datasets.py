@@ -20,13 +20,13 @@ from uta_cli.datasets import (
     TAR_SUFFIXES,
     ImageFolderDataset,
     ImageFolderIndex,
-    expand_shard_urls,
     folder_classname,
     index_image_folder,
     match_classnames,
 )
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import is_local, url_to_fs
+from uta_cli.tar_shards import expand_shard_urls
 from uta_cli.zeroshot import (
     read_text_lines,
     resolve_templates,

@@ -19,11 +19,12 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from uta_cli.data import normalize
-from uta_cli.datasets import TarShardDataset, collate_skip_none
+from uta_cli.datasets import collate_skip_none
 from uta_cli.encoders import Encoder, text_encoder
 from uta_cli.errors import UtaUsageError
 from uta_cli.eval_datasets import EvalSet, resolve_dataset
 from uta_cli.progress import progress_bar
+from uta_cli.tar_shards import TarShardDataset
 from uta_cli.zeroshot import (
     Predictions,
     classification_metrics,

@@ -98,6 +98,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocol or "local" in protocol
 
 
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """`path` on `fs` as a URL that opens on its own: local files stay plain absolute paths
+    (readable by anything), other filesystems get their protocol back."""
+    if is_local(fs):
+        return os.path.normpath(path)
+    return fs.unstrip_protocol(path)
+
+
 # --------------------------------------------------------------------------------------------
 # cache
 
