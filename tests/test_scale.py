@@ -193,7 +193,7 @@ def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_p
     """batches(epoch, skip=k) of a tar-shard source are the batches after the first k of an
     uninterrupted stream, with 2 loader workers, uneven shards (workers run out at different
     times) and k past the point where this rank's shards run out and the stream starts over."""
-    from uta_cli import data as data_mod
+    from uta_cli import tar_resume
     from uta_cli.data import MaskCollator, Source, TrainTransform, View, open_dataset
 
     write_shards(tmp_path, 5, 3, size=20, uneven=True)  # 3,4,5,3,4 = 19 records
@@ -208,14 +208,14 @@ def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_p
         return [b["sample_id"].tolist() for b in itertools.islice(stream, n)]
 
     full = ids(0, 14)
-    real = data_mod.count_tar_records
+    real = tar_resume.count_tar_records
     counted = []
-    data_mod.count_tar_records = lambda tar, shard: counted.append(shard) or real(tar, shard)
+    tar_resume.count_tar_records = lambda tar, shard: counted.append(shard) or real(tar, shard)
     try:
         for k in (1, 2, 3, 5, 8):
             assert ids(k, 14 - k) == full[k:], k
     finally:
-        data_mod.count_tar_records = real
+        tar_resume.count_tar_records = real
     assert counted  # the skip counted records (without decoding them)
     # in one process (no loader workers) nothing before the resume point is decoded
     single = Source(ds, tf, MaskCollator(None, (1, 1), 0), 2, 0, 0, 0, 2, samples_per_epoch=40)
@@ -376,7 +376,8 @@ def test_another_process_count_with_the_same_global_batch_continues_the_epoch():
 def test_tar_records_counted_from_headers_match_the_reader(tmp_path, fmt):
     """Counting from headers (or, for a compressed or damaged shard, with the reader) gives the
     number of samples the reader yields: long names, ustar prefixes, directories, extra fields."""
-    from uta_cli.data import count_tar_records, open_dataset
+    from uta_cli.data import open_dataset
+    from uta_cli.tar_resume import count_tar_records
 
     formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
     path = tmp_path / ("shard.tar.gz" if fmt == "gz" else "shard.tar")
@@ -396,7 +397,7 @@ def test_tar_records_counted_from_headers_match_the_reader(tmp_path, fmt):
     assert count_tar_records(ds, str(path)) == sum(1 for _ in ds._read_shard(str(path)))
     if fmt != "truncated":
         assert count_tar_records(ds, str(path)) == 7
-    from uta_cli.data import _tar_member_names
+    from uta_cli.tar_resume import _tar_member_names
 
     with open(path, "rb") as f:  # plain tars are counted from their headers, the rest read
         assert (_tar_member_names(f) is None) == (fmt in ("truncated", "gz"))
