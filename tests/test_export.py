@@ -316,3 +316,42 @@ def test_verification_failure_exits_1_and_writes_nothing(eva_ckpt, tmp_path, mon
                       "--atol", "0.05", "--min-cosine", "0.9"])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+def test_zeroshot_takes_an_exported_open_clip_folder(eva_ckpt, tmp_path):
+    """`uta zeroshot --ckpt FOLDER` loads the folder through the same loader as embed/classify:
+    the same student on the same preprocessing and text tower, so the same numbers."""
+    from conftest import cli
+
+    out = tmp_path / "oc"
+    assert _invoke(["--ckpt", eva_ckpt, "--format", "open-clip", "--output", str(out)]
+                   ).exit_code == 0
+    write_images(tmp_path / "images", 30, size=44, seed=5, classes=[c.replace(" ", "_")
+                                                                      for c in CLASSES])
+    args = ["--dataset", tmp_path / "images", "--templates", "simple", "--workers", "0",
+            "--precision", "fp32", "--cache-dir", "none"]
+    reports = []
+    for name, ckpt_path in (("ckpt", eva_ckpt), ("folder", out)):
+        result = cli("zeroshot", "--ckpt", ckpt_path, *args, "--output-json",
+                     tmp_path / f"{name}.json")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    ours, folder = reports
+    for key in ("acc1", "acc5", "mean_per_class_recall", "num_samples"):
+        assert folder[key] == ours[key], key
+    assert folder["preprocess"] == ours["preprocess"]
+    # (top-1 of a 2-step student is near chance:) what zeroshot scores with is the same too
+    from uta_cli.encoders import build_encoders
+
+    built = [build_encoders(str(p), torch.device("cpu"), "fp32", False)[0][0]
+             for p in (eva_ckpt, out)]
+    assert built[0].view == built[1].view
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert (built[0].encode(x) - built[1].encode(x)).abs().max().item() < 1e-5
+    with torch.no_grad():
+        a, b = (e.text.clip.encode_text(e.text.tokenizer(["a photo of a red circle."]))
+                for e in built)
+    assert torch.equal(a, b)
+    # the folder holds no teacher image tower to compare with: refused before any model is built
+    result = cli("zeroshot", "--ckpt", out, *args, "--teacher")
+    assert result.exit_code == 2 and "no teacher to compare with" in " ".join(result.output.split())

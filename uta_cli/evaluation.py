@@ -27,7 +27,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from uta_cli import __version__
-from uta_cli import checkpoint as ckpt
 from uta_cli.data import EvalTransform
 from uta_cli.encoders import (
     PRECISIONS,
@@ -141,17 +140,16 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     check_options(opts)
     console = console or Console()
     # Inputs are checked before any model is built, so mistakes come back in a second.
-    from uta_cli.models import release
+    from uta_cli.loading import checkpoint_kind, read_model_meta
 
-    if release.resolve_format(opts.ckpt, opts.ckpt_format) == "uta-release":
-        if opts.teacher or opts.teacher_weights:
-            raise UtaUsageError("A released UTA file has no separate CLIP teacher: its own text "
-                                "tower scores it. Drop --teacher / --teacher-weights.")
-        ckpt_dir = opts.ckpt
-        meta = release.read_release(opts.ckpt)[2]  # strict validation, no model built yet
-    else:
-        ckpt_dir = ckpt.resolve_checkpoint(opts.ckpt)
-        meta = ckpt.load_meta(ckpt_dir)
+    kind = checkpoint_kind(opts.ckpt, opts.ckpt_format)
+    if kind == "uta-release" and (opts.teacher or opts.teacher_weights):
+        raise UtaUsageError("A released UTA file has no separate CLIP teacher: its own text "
+                            "tower scores it. Drop --teacher / --teacher-weights.")
+    if kind == "open-clip-folder" and opts.teacher:
+        raise UtaUsageError(f"{opts.ckpt} is an exported open_clip folder: its image tower "
+                            f"is the student, there is no teacher to compare with.")
+    ckpt_dir, meta = read_model_meta(opts.ckpt, opts.ckpt_format)  # no model built yet
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{ckpt_dir} is a '{meta.get('task')}' checkpoint, not a UTA "
                             "student: uta zeroshot evaluates pre-training checkpoints.")

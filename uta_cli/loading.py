@@ -178,15 +178,38 @@ class LoadedModel:
         return student_preprocess(self.meta, mean, std)
 
 
+def checkpoint_kind(path: str, fmt: str = "auto") -> str:
+    """"uta-release" (a released file), "open-clip-folder" (an exported one) or "checkpoint" (a
+    uta checkpoint folder or run directory); fmt: --ckpt-format (auto, uta or uta-release)."""
+    if release.resolve_format(path, fmt) == "uta-release":
+        return "uta-release"
+    if open_clip_folder.is_open_clip_folder(path):
+        return "open-clip-folder"
+    return "checkpoint"
+
+
+def read_model_meta(path: str, fmt: str = "auto") -> tuple[str, dict]:
+    """(location, meta) of what load_model(path, fmt) loads, checked without building a model,
+    so that a command refuses bad input in a second."""
+    kind = checkpoint_kind(path, fmt)
+    if kind == "uta-release":
+        return path, release.read_release(path)[2]  # strict validation
+    if kind == "open-clip-folder":
+        return path, open_clip_folder.read_folder(path)
+    folder = ckpt.resolve_checkpoint(path)
+    return folder, ckpt.load_meta(folder)
+
+
 def load_model(path: str, fmt: str = "auto", teacher_weights: str = "") -> LoadedModel:
     """Any checkpoint as a LoadedModel: a run directory or checkpoint folder, a contrastive-tuning
     run, a released UTA file (uta_*.pt, detected with fmt "auto" or forced with "uta-release"),
     or an exported open_clip folder (uta export / uta convert). teacher_weights: where a
     contrastive run's teacher lives now, if it moved."""
-    if release.resolve_format(path, fmt) == "uta-release":
+    kind = checkpoint_kind(path, fmt)
+    if kind == "uta-release":
         rel = release.load_release(path)
         return LoadedModel(rel.student, rel.meta, "uta-release", rel.text_tower)
-    if fmt != "uta-release" and open_clip_folder.is_open_clip_folder(path):
+    if kind == "open-clip-folder":
         student, text, meta = open_clip_folder.load_folder(path)
         return LoadedModel(student, meta, "open-clip-folder", text)
     folder = ckpt.resolve_checkpoint(path)

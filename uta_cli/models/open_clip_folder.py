@@ -235,31 +235,69 @@ def _loadable(folder: str, trunk_dir: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _trunk_dir(folder: str, cfg: dict) -> str:
+    """Where the folder's timm tower config lives (refused unless it is a UTA student's)."""
+    name = tower_name(cfg)
+    if not os.path.isfile(os.path.join(folder, WEIGHTS)):
+        raise UtaUsageError(f"{folder} holds no {WEIGHTS}: not a complete open_clip export.")
+    if name.startswith("local-dir:"):
+        check_location(folder)
+        return name[len("local-dir:"):]
+    if name.startswith("hf-hub:") and os.path.isfile(os.path.join(folder, "config.json")):
+        return folder  # the hub layout: timm's config at the top of the repository
+    raise UtaUsageError(f"{folder} is an open_clip folder whose image tower "
+                        f"({name or 'native open_clip'}) is not a UTA student saved beside "
+                        f"it; only folders written by `uta export` or `uta convert` load.")
+
+
+def read_folder(folder: str) -> dict:
+    """The checkpoint-like meta of an exported folder, checked without building a model."""
+    from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
+
+    folder = os.path.abspath(folder)
+    cfg = read_config(folder)
+    name = tower_name(cfg)
+    with open(os.path.join(_trunk_dir(folder, cfg), "config.json"), encoding="utf-8") as f:
+        student_cfg = student_config_from_timm(json.load(f), folder)
+    embed_dim = int(cfg["model_cfg"].get("embed_dim", 0))
+    pp = dict(cfg.get("preprocess_cfg") or {})
+    size = pp.get("size", student_cfg.image_size)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    preprocess = {"size": size, "mean": [float(m) for m in pp.get("mean", [0.5] * 3)],
+                  "std": [float(s) for s in pp.get("std", [0.5] * 3)],
+                  "interpolation": str(pp.get("interpolation", "bicubic"))}
+    identity = TeacherIdentity(
+        model="local-dir:" + folder, weights="local-dir:" + folder,
+        weights_fingerprint=file_fingerprint(os.path.join(folder, WEIGHTS)),
+        embed_dim=embed_dim, image_size=size, mean=preprocess["mean"],
+        std=preprocess["std"], interpolation=preprocess["interpolation"],
+        model_cfg=cfg["model_cfg"])
+    exported = {}
+    md_path = os.path.join(folder, EXPORT_METADATA)
+    if os.path.isfile(md_path):
+        with open(md_path, encoding="utf-8") as f:
+            exported = json.load(f)
+    return {"format": "open-clip-folder", "task": "uta-alignment",
+            "step": exported.get("checkpoint_step"),
+            "student": dataclasses.asdict(student_cfg), "embed_dim": embed_dim,
+            "student_preprocess": preprocess, "teacher": identity.to_dict(),
+            "open_clip_folder": {"layout": "hf-hub" if name.startswith("hf-hub:") else
+                                 "local-dir", "image_tower": name,
+                                 "exported_from": exported.get("checkpoint_hash")},
+            "checkpoint_dir": folder}
+
+
 def load_folder(folder: str):
     """(UTAStudent, CLIPTeacher over the folder's CLIP, checkpoint-like meta). The student
     shares its modules with the CLIP's image tower, so nothing is held twice."""
     import open_clip
 
     from uta_cli.models.student import UTAStudent
-    from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, file_fingerprint
+    from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
 
     folder = os.path.abspath(folder)
-    cfg = read_config(folder)
-    name = tower_name(cfg)
-    if not os.path.isfile(os.path.join(folder, WEIGHTS)):
-        raise UtaUsageError(f"{folder} holds no {WEIGHTS}: not a complete open_clip export.")
-    if name.startswith("local-dir:"):
-        check_location(folder)
-        trunk_dir = name[len("local-dir:"):]
-    elif name.startswith("hf-hub:") and os.path.isfile(os.path.join(folder, "config.json")):
-        trunk_dir = folder  # the hub layout: timm's config at the top of the repository
-    else:
-        raise UtaUsageError(f"{folder} is an open_clip folder whose image tower "
-                            f"({name or 'native open_clip'}) is not a UTA student saved beside "
-                            f"it; only folders written by `uta export` or `uta convert` load.")
-    with open(os.path.join(trunk_dir, "config.json"), encoding="utf-8") as f:
-        student_cfg = student_config_from_timm(json.load(f), folder)
-    with _loadable(folder, trunk_dir) as path:
+    meta = read_folder(folder)
+    with _loadable(folder, _trunk_dir(folder, read_config(folder))) as path:
         try:
             clip = open_clip.create_model("local-dir:" + path)
         except Exception as e:  # open_clip and timm raise assorted types for bad folders
@@ -270,35 +308,13 @@ def load_folder(folder: str):
     if not isinstance(proj, torch.nn.Linear) or proj.bias is None:
         raise UtaUsageError(f"{folder}: the image tower has no linear projection with bias "
                             f"(timm_proj: linear, timm_proj_bias: true); not a UTA export.")
+    if proj.out_features != meta["embed_dim"]:
+        raise UtaUsageError(f"{folder}: the image tower projects to {proj.out_features} "
+                            f"dimensions, its config's embed_dim is {meta['embed_dim']}.")
     with torch.device("meta"):  # the modules come from the loaded CLIP
-        student = UTAStudent(student_cfg, proj.out_features)
+        student = UTAStudent(StudentConfig(**meta["student"]), proj.out_features)
     student.trunk, student.head = visual.trunk, proj
-    pp = dict(cfg.get("preprocess_cfg") or {})
-    size = pp.get("size", student_cfg.image_size)
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    preprocess = {"size": size, "mean": [float(m) for m in pp.get("mean", [0.5] * 3)],
-                  "std": [float(s) for s in pp.get("std", [0.5] * 3)],
-                  "interpolation": str(pp.get("interpolation", "bicubic"))}
-    identity = TeacherIdentity(
-        model="local-dir:" + folder, weights="local-dir:" + folder,
-        weights_fingerprint=file_fingerprint(os.path.join(folder, WEIGHTS)),
-        embed_dim=int(proj.out_features), image_size=size, mean=preprocess["mean"],
-        std=preprocess["std"], interpolation=preprocess["interpolation"],
-        model_cfg=cfg["model_cfg"])
-    text = CLIPTeacher(clip, identity)  # the tokenizer reads only the folder's text_cfg
-    exported = {}
-    md_path = os.path.join(folder, EXPORT_METADATA)
-    if os.path.isfile(md_path):
-        with open(md_path, encoding="utf-8") as f:
-            exported = json.load(f)
-    meta = {"format": "open-clip-folder", "task": "uta-alignment",
-            "step": exported.get("checkpoint_step"),
-            "student": dataclasses.asdict(student_cfg), "embed_dim": int(proj.out_features),
-            "student_preprocess": preprocess, "teacher": identity.to_dict(),
-            "open_clip_folder": {"layout": "hf-hub" if name.startswith("hf-hub:") else
-                                 "local-dir", "image_tower": name,
-                                 "exported_from": exported.get("checkpoint_hash")},
-            "checkpoint_dir": folder}
+    text = CLIPTeacher(clip, TeacherIdentity(**meta["teacher"]))  # tokenizer: the text_cfg
     return student.eval(), text, meta
 
 
