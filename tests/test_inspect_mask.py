@@ -13,15 +13,8 @@ from typer.testing import CliRunner
 
 import uta_cli.inspect_mask as im
 from uta_cli.app import app
-from uta_cli.inspect_mask import (
-    colour,
-    flop_share,
-    inspect_masks,
-    png_size,
-    render_report,
-    write_csv,
-    write_png,
-)
+from uta_cli.inspect_mask import flop_share, inspect_masks
+from uta_cli.mask_report import colour, png_size, render_report, write_csv, write_png
 from uta_cli.masking import STRATEGIES, MaskSpec, generate_masks
 
 runner = CliRunner()

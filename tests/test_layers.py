@@ -28,7 +28,7 @@ import uta_cli
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("uta_cli.app", "uta_cli.__main__", "uta_cli.commands")),
     ("workflows", ("uta_cli.pretrain", "uta_cli.finetune", "uta_cli.evaluation",
-                   "uta_cli.export", "uta_cli.inspect_mask",
+                   "uta_cli.export", "uta_cli.inspect_mask", "uta_cli.mask_report",
                    "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot", "uta_cli.convert")),
     ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
                "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data",

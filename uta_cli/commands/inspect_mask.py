@@ -75,7 +75,7 @@ def inspect_mask(
     err = Console(stderr=True)
     try:
         report = _run(recipe, strategy, mask_ratio, grid, samples, seed, epoch, set_)
-        from uta_cli.inspect_mask import render_report, write_csv, write_json, write_png
+        from uta_cli.mask_report import render_report, write_csv, write_json, write_png
 
         out = Console()
         render_report(report, out)
