@@ -158,7 +158,7 @@ def test_zeroshot_head_step_zero_equals_zeroshot_top1(full_run, uta_ckpt):
 
 def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
     from uta_cli.finetune import build_classification
-    from uta_cli.loading import resolve_init
+    from uta_cli.starts import resolve_init
     from uta_cli.tasks.classification import EMA_FILE
 
     run_dir, summary = full_run

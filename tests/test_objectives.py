@@ -211,7 +211,7 @@ def test_mim_checkpoint_zero_shots_fine_tunes_and_exports(runs, tmp_path):
     assert not any("mask_token" in name for name, _ in exported.named_parameters())
     assert json.loads((tmp_path / "mim.pt.json").read_text())["objective"] == "mim"
 
-    from uta_cli.loading import resolve_init
+    from uta_cli.starts import resolve_init
 
     recipe = load_recipe("finetune_demo", [f"init={runs['mim']}"])
     start = resolve_init(recipe.init)

@@ -30,9 +30,10 @@ from timm.layers import RotaryEmbeddingCat
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import load_model, student_init_state
+from uta_cli.loading import load_model
 from uta_cli.models import release as R
 from uta_cli.models.student import UTAStudent
+from uta_cli.starts import student_init_state
 
 KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_keys")
 SIZES = {  # docs/release-format.md: image, patch, width, depth, heads, mlp hidden
