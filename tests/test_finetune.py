@@ -168,7 +168,7 @@ def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
     assert max((live[k] - ema[k]).abs().max().item() for k in live) > 1e-4
     # the logged EMA metrics are those of the saved EMA weights
     recipe = recipe_for("classification", uta_ckpt, **FULL)
-    from uta_cli.engine import make_accelerator
+    from uta_cli.run_setup import make_accelerator
 
     task = build_classification(recipe, resolve_init(recipe.init), make_accelerator("fp32"),
                                 lambda *a, **k: None)

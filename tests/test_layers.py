@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
                "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data",
                "uta_cli.demo_teacher", "uta_cli.eval_classifier", "uta_cli.export_formats",
-               "uta_cli.export_verify", "uta_cli.hub",
+               "uta_cli.export_verify", "uta_cli.hub", "uta_cli.run_setup",
                "uta_cli.eval_shards", "uta_cli.eval_report", "uta_cli.eval_training")),
     ("loading", ("uta_cli.loading", "uta_cli.starts", "uta_cli.checkpoint", "uta_cli.data",
                  "uta_cli.datasets",

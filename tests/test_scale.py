@@ -99,7 +99,8 @@ def test_metrics_reduce_over_the_union_of_keys():
     same reductions; means count only the micro-steps that reported a metric."""
     from accelerate import Accelerator
 
-    from uta_cli.engine import Engine, EngineConfig
+    from uta_cli.engine import Engine
+    from uta_cli.run_setup import EngineConfig
 
     engine = Engine(EngineConfig(), Accelerator(cpu=True), "/nonexistent")
     means = engine._reduce_means({"loss": torch.tensor(3.0), "cls_cos": torch.tensor(1.0)},
@@ -143,8 +144,8 @@ def test_resume_refuses_a_changed_recipe_unless_allowed(tmp_path, tiny_clip_dir)
 
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
 def test_distributed_types_other_than_ddp_are_refused(kind, monkeypatch):
-    from uta_cli.engine import check_distributed_type, make_accelerator
     from uta_cli.errors import UtaUsageError
+    from uta_cli.run_setup import check_distributed_type, make_accelerator
 
     monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
     with pytest.raises(UtaUsageError, match=f"configured for {kind}.*DDP"):

@@ -35,10 +35,11 @@ from uta_cli.demo_data import (
     demo_splits,
     demo_teacher_folder,
 )
-from uta_cli.engine import Engine, EngineConfig
+from uta_cli.engine import Engine
 from uta_cli.eval_classifier import zeroshot_accuracy
 from uta_cli.io import atomic_path
 from uta_cli.recipe import DemoConfig
+from uta_cli.run_setup import EngineConfig
 from uta_cli.tasks.contrastive import ContrastiveTask
 
 TEACHER_PREPROCESS = {"size": IMAGE_SIZE, "mean": list(open_clip.OPENAI_DATASET_MEAN),

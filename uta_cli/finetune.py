@@ -29,7 +29,7 @@ from uta_cli.data import (
 )
 from uta_cli.demo_data import demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher
-from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
+from uta_cli.engine import Engine
 from uta_cli.errors import UtaUsageError
 from uta_cli.eval_classifier import cached_classifier, default_cache_dir, zeroshot_accuracy
 from uta_cli.finetune_data import DataSpec, first_samples, open_data, train_source
@@ -38,6 +38,7 @@ from uta_cli.models.release import ReleaseTextTower
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import CLIPTeacher, load_teacher, teacher_tokenizer
 from uta_cli.recipe import Recipe
+from uta_cli.run_setup import engine_config, make_accelerator, run_directory
 from uta_cli.starts import Start, load_open_clip_init, load_timm_backbone, resolve_init
 from uta_cli.tasks.classification import (
     ClassificationModel,

@@ -27,12 +27,13 @@ from uta_cli.data import (
 )
 from uta_cli.demo_data import CLASSNAMES, demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher, zeroshot_demo
-from uta_cli.engine import Engine, engine_config, make_accelerator, run_directory
+from uta_cli.engine import Engine
 from uta_cli.errors import UtaUsageError
 from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe
+from uta_cli.run_setup import engine_config, make_accelerator, run_directory
 from uta_cli.starts import student_init_state
 from uta_cli.tasks.alignment import AlignmentTask
 
