@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from uta_cli import __version__
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import replace
+from uta_cli.io import atomic_path
 from uta_cli.loading import student_preprocess
 from uta_cli.models.open_clip_folder import export_open_clip, load_open_clip, point_open_clip_at
 from uta_cli.models.release import ReleasedModel, load_release
@@ -38,10 +37,9 @@ def convert_release(path: str, output: str, force: bool = False,
     rel = load_release(path)
     say(f"loaded {rel.arch.name} from {path} (strict; RoPE tables match the formula to "
         f"{rel.meta['release']['rope_max_abs_diff']:.2g})")
-    tmp = output + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    # staged beside the output and renamed into place whole; removed on any failure
+    with atomic_path(output) as tmp:
+        os.makedirs(tmp)
         save_file({k: v.contiguous() for k, v in rel.student.state_dict().items()},
                   os.path.join(tmp, "model.safetensors"))
         save_file({k: v.contiguous() for k, v in rel.text_tower.clip.state_dict().items()},
@@ -74,10 +72,6 @@ def convert_release(path: str, output: str, force: bool = False,
         meta["converted_from"] = rel.meta["release"]
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"wrote {output} (uta checkpoint) and {oc_final} (open_clip local-dir:{oc_final})")
     return output
 
