@@ -551,6 +551,20 @@ def test_bad_input_is_a_usage_error(sets, needle, tmp_path, uta_ckpt):
         finetune("classification", init, tmp_path, **sets)
 
 
+def test_an_open_clip_folder_as_init_names_the_open_clip_form(uta_ckpt):
+    import re
+
+    from uta_cli.recipe import StudentConfig
+    from uta_cli.starts import resolve_init, student_init_state
+
+    folder = os.path.join(os.path.dirname(uta_ckpt), "clip")  # the tiny CLIP: no meta.json
+    with pytest.raises(UtaUsageError, match=re.escape(f"init=open_clip:local-dir:{folder}")):
+        resolve_init(folder)
+    with pytest.raises(UtaUsageError, match="student.init .* is an open_clip folder"):
+        student_init_state(folder, StudentConfig(), 32)
+    assert resolve_init(f"open_clip:local-dir:{folder}").kind == "open_clip"
+
+
 def _timm_file(tmp_path) -> str:
     """Weights of timm's tiny test ViT at 32 px, as a local file (tests never download)."""
     import timm

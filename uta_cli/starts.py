@@ -26,6 +26,7 @@ from uta_cli.loading import (
     tuned_text_tower,
 )
 from uta_cli.models import release
+from uta_cli.models.open_clip_folder import is_open_clip_folder
 from uta_cli.models.release import ReleasedModel, ReleaseTextTower
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, load_clip
@@ -102,6 +103,11 @@ def resolve_init(init: str) -> Start:
     if release.resolve_format(init) == "uta-release":  # a released uta_*.pt file
         rel = release.load_release(init)
         return Start("uta-release", os.path.abspath(init), rel.meta, rel)
+    if is_open_clip_folder(init):  # an open_clip CLIP, e.g. one `uta export` wrote
+        raise UtaUsageError(
+            f"init {init} is an open_clip folder, not a UTA checkpoint. Start from its image "
+            f"tower with --set init=open_clip:local-dir:{os.path.abspath(init)}, or from the UTA "
+            f"run it was exported from.")
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
@@ -166,6 +172,11 @@ def student_init_state(init: str, cfg: StudentConfig, embed_dim: int
     of failing in load_state_dict."""
     if os.path.isfile(init):
         return _release_init_state(init, cfg, embed_dim), f"the released UTA file {init}"
+    if is_open_clip_folder(init):
+        raise UtaUsageError(f"student.init {init} is an open_clip folder, not a UTA checkpoint. "
+                            f"student.init takes a UTA pre-training or contrastive-tuning "
+                            f"checkpoint, or a released uta_*.pt file: give the run it was "
+                            f"exported from.")
     folder = ckpt.resolve_checkpoint(init)
     meta = ckpt.load_meta(folder)
     task = meta.get("task")
