@@ -11,8 +11,8 @@ Layers, top first (a module is in the first layer with a matching prefix):
     ground     models/, recipe, masking, losses, io, progress, errors
 
 Within a layer imports may run sideways (models/release.py uses models/student.py), except
-between workflows: each workflow stands on the layers below, and the few sideways imports left
-are listed in WORKFLOW_SIBLING_IMPORTS until they move down.
+between workflows: each workflow stands on the layers below, so what two workflows share moves
+down a layer.
 """
 
 from __future__ import annotations
@@ -36,18 +36,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "uta_cli.export_verify", "uta_cli.hub", "uta_cli.run_setup",
                "uta_cli.eval_shards", "uta_cli.eval_report", "uta_cli.eval_training")),
     ("loading", ("uta_cli.loading", "uta_cli.starts", "uta_cli.checkpoint", "uta_cli.data",
-                 "uta_cli.datasets",
+                 "uta_cli.datasets", "uta_cli.captions",
                  "uta_cli.tar_shards", "uta_cli.tar_resume", "uta_cli.transforms",
                  "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
     ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",
                 "uta_cli.io", "uta_cli.outputs", "uta_cli.progress", "uta_cli.errors",
                 "uta_cli")),
 ]
-
-
-# Workflows that still import a sibling workflow. Known debts, not permissions: a new one fails
-# test_workflows_do_not_import_each_other, and so does an entry here that no longer exists.
-WORKFLOW_SIBLING_IMPORTS: set[tuple[str, str]] = set()
 
 
 def module_names(package_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -113,6 +108,13 @@ def upward_imports(graph: dict[str, set[str]], layers) -> list[str]:
     return found
 
 
+def sibling_imports(graph: dict[str, set[str]], layers, layer: str) -> list[str]:
+    """Imports between two modules of `layer` (workflows must not import each other)."""
+    index = [i for i, (name, _) in enumerate(layers) if name == layer][0]
+    return [f"{m} imports {t}" for m, targets in sorted(graph.items()) for t in sorted(targets)
+            if layer_of(m, layers) == index == layer_of(t, layers)]
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle as [a, b, ..., a], or None."""
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
@@ -156,12 +158,7 @@ def test_imports_run_downward():
 
 
 def test_workflows_do_not_import_each_other():
-    graph = import_graph(UTA_CLI)
-    workflows = [i for i, (name, _) in enumerate(LAYERS) if name == "workflows"][0]
-    sideways = {(m, t) for m, targets in graph.items() for t in targets
-                if layer_of(m, LAYERS) == workflows == layer_of(t, LAYERS)}
-    assert sideways - WORKFLOW_SIBLING_IMPORTS == set()
-    assert WORKFLOW_SIBLING_IMPORTS - sideways == set(), "fixed: remove them from the list"
+    assert sibling_imports(import_graph(UTA_CLI), LAYERS, "workflows") == []
 
 
 def test_import_graph_has_no_cycle():
@@ -218,3 +215,13 @@ def test_checker_fails_on_a_cycle_within_one_layer(tiny):
     cycle = find_cycle(graph)
     assert cycle[0] == cycle[-1]
     assert set(cycle) == {"pkg.models.student", "pkg.models.teacher"}
+
+
+def test_checker_fails_on_one_workflow_importing_another(tiny):
+    layers = [("app", ("pkg.app",)), ("work", ("pkg.work", "pkg.other")),
+              ("ground", ("pkg.models", "pkg"))]
+    assert sibling_imports(import_graph(tiny), layers, "work") == []
+    (tiny / "other.py").write_text("def go():\n    from pkg import work\n    return work\n")
+    graph = import_graph(tiny)
+    assert upward_imports(graph, layers) == []  # sideways, not upward
+    assert sibling_imports(graph, layers, "work") == ["pkg.other imports pkg.work"]

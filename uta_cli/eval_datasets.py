@@ -3,8 +3,6 @@ webdatasets, class folders, tar shards and caption files, each resolved to one E
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -12,6 +10,7 @@ from dataclasses import dataclass, field
 import fsspec
 import torch
 
+from uta_cli.captions import CAPTION_FILES, CAPTIONS_HELP, parse_captions
 from uta_cli.data import (
     ArrayImageDataset,
     detect_format,
@@ -25,7 +24,7 @@ from uta_cli.datasets import (
     match_classnames,
 )
 from uta_cli.errors import UtaUsageError
-from uta_cli.io import is_local, url_to_fs
+from uta_cli.io import is_local, url_of, url_to_fs
 from uta_cli.tar_shards import expand_shard_urls
 from uta_cli.zeroshot import (
     read_text_lines,
@@ -33,18 +32,9 @@ from uta_cli.zeroshot import (
     template_strings,
 )
 
-_CAPTIONS_HELP = (
-    "Expected: a folder of images plus captions.json, a list of {\"image\": \"a.jpg\", "
-    "\"captions\": [\"...\", \"...\"]} (or {\"a.jpg\": [\"...\"]}, or COCO's images + "
-    "annotations), or captions.csv / .tsv with a header and columns image,caption (one row per "
-    "caption; several rows per image). Image paths are relative to --data-dir, else to the "
-    "captions file's folder.")
-_CAPTION_FILES = ("captions.json", "captions.csv", "captions.tsv")
-_CAPTION_KEYS = ("captions", "caption", "texts", "text", "sentences")
 _CLASSES_LAYOUT = ("uta zeroshot reads the 'classes' layout: ROOT/<class name>/<image>, one "
                    "sub-folder per class (class names from the folder names, underscores as "
                    "spaces, or from --classnames).")
-_IMAGE_KEYS = ("image", "filename", "file_name", "file", "filepath", "image_path", "path")
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +168,7 @@ def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet
         return _objectnet(data_dir, fs, path, classnames_file, layout)
     if name == "imagenet-v2":
         path = _single_subfolder(fs, path, str.isdigit)
-        root = fs.unstrip_protocol(path) if not is_local(fs) else path
+        root = url_of(fs, path)
         index = index_image_folder(root, "classes")
         bad = [c for c in index.classes if not c.isdigit() or int(c) >= 1000]
         if bad:
@@ -192,7 +182,7 @@ def _imagenet_variant(name: str, data_dir: str, classnames_file: str) -> EvalSet
     else:
         if name == "imagenet-sketch":
             path = _single_subfolder(fs, path, lambda n: n in wnid_index)
-        root = fs.unstrip_protocol(path) if not is_local(fs) else path
+        root = url_of(fs, path)
         index = index_image_folder(root, "classes")
         unknown = [c for c in index.classes if c not in wnid_index]
         if unknown:
@@ -229,7 +219,7 @@ def _objectnet(data_dir: str, fs, path: str, classnames_file: str, layout: str) 
                  files["folder_to_objectnet_label.json"].items()}
     mapped = sorted(folder_of[label] for label in files["objectnet_to_imagenet_1k.json"]
                     if label in folder_of)
-    root = fs.unstrip_protocol(images) if not is_local(fs) else images
+    root = url_of(fs, images)
     full = index_image_folder(root, "classes")
     missing = [m for m in mapped if m not in full.classes]
     if missing:
@@ -358,74 +348,6 @@ def resolve_eval_templates(spec: str, evalset: EvalSet) -> tuple[str, list[str]]
 # -- image-caption sets ----------------------------------------------------------------------
 
 
-def _as_caption_list(value, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UtaUsageError(f"Captions of {where} must be a string or a list of strings. "
-                            f"{_CAPTIONS_HELP}")
-    return [v.strip() for v in value if v.strip()]
-
-
-def _pick(keys, options: tuple[str, ...]) -> str | None:
-    lowered = {k.lower(): k for k in keys}
-    return next((lowered[o] for o in options if o in lowered), None)
-
-
-def parse_captions(text: str, fmt: str, source: str) -> list[tuple[str, list[str]]]:
-    """(image path, captions) in order of first appearance; rows of one image are merged."""
-    grouped: dict[str, list[str]] = {}
-
-    def add(image, caps, where: str) -> None:
-        if not isinstance(image, str) or not image:
-            raise UtaUsageError(f"{source}: {where} has no image path. {_CAPTIONS_HELP}")
-        grouped.setdefault(image, []).extend(_as_caption_list(caps, f"{image!r}"))
-
-    if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UtaUsageError(f"{source} is not valid JSON ({e}). {_CAPTIONS_HELP}") from None
-        if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO
-            files = {img["id"]: img["file_name"] for img in data["images"]}
-            for img in data["images"]:
-                grouped.setdefault(img["file_name"], [])
-            for ann in data["annotations"]:
-                add(files.get(ann.get("image_id")), ann.get("caption"), "an annotation")
-        elif isinstance(data, dict):
-            for image, caps in data.items():
-                add(image, caps, f"key {image!r}")
-        elif isinstance(data, list):
-            for i, row in enumerate(data):
-                if not isinstance(row, dict):
-                    raise UtaUsageError(f"{source}: entry {i} is not an object. {_CAPTIONS_HELP}")
-                ik, ck = _pick(row, _IMAGE_KEYS), _pick(row, _CAPTION_KEYS)
-                if ik is None or ck is None:
-                    raise UtaUsageError(f"{source}: entry {i} needs an image key "
-                                        f"({'/'.join(_IMAGE_KEYS)}) and a caption key "
-                                        f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
-                add(row[ik], row[ck], f"entry {i}")
-        else:
-            raise UtaUsageError(f"{source}: unsupported JSON layout. {_CAPTIONS_HELP}")
-    else:
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-        ik = _pick(reader.fieldnames or [], _IMAGE_KEYS)
-        ck = _pick(reader.fieldnames or [], _CAPTION_KEYS)
-        if ik is None or ck is None:
-            raise UtaUsageError(f"{source}: the header {reader.fieldnames} needs an image column "
-                                f"({'/'.join(_IMAGE_KEYS)}) and a caption column "
-                                f"({'/'.join(_CAPTION_KEYS)}). {_CAPTIONS_HELP}")
-        for i, row in enumerate(reader):
-            add(row[ik], row[ck] or "", f"row {i + 2}")
-    if not grouped:
-        raise UtaUsageError(f"{source} lists no images. {_CAPTIONS_HELP}")
-    bare = [img for img, caps in grouped.items() if not caps]
-    if bare:
-        raise UtaUsageError(f"{source}: {len(bare)} image(s) have no caption (e.g. {bare[0]!r}); "
-                            "every image needs at least one.")
-    return list(grouped.items())
-
-
 def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
     if dataset == "demo":
         split = _demo_split(meta)
@@ -436,10 +358,10 @@ def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
     fs, path = url_to_fs(dataset)
     local = is_local(fs)
     if fs.isdir(path):
-        found = [n for n in _CAPTION_FILES if fs.isfile(path.rstrip("/") + "/" + n)]
+        found = [n for n in CAPTION_FILES if fs.isfile(path.rstrip("/") + "/" + n)]
         if not found:
-            raise UtaUsageError(f"{dataset} holds no {', '.join(_CAPTION_FILES)}. "
-                                f"{_CAPTIONS_HELP}")
+            raise UtaUsageError(f"{dataset} holds no {', '.join(CAPTION_FILES)}. "
+                                f"{CAPTIONS_HELP}")
         captions_url = dataset.rstrip("/") + "/" + found[0]
         image_root = data_dir or dataset
     elif fs.isfile(path) and path.lower().endswith((".json", ".csv", ".tsv")):
@@ -449,7 +371,7 @@ def _retrieval_set(dataset: str, data_dir: str, meta: dict) -> EvalSet:
     else:
         raise UtaUsageError(f"Retrieval dataset {dataset!r} is neither a folder with a captions "
                             f"file nor a .json/.csv/.tsv file (or it does not exist). "
-                            f"{_CAPTIONS_HELP}")
+                            f"{CAPTIONS_HELP}")
     with fsspec.open(captions_url, "r", encoding="utf-8") as f:
         text = f.read()
     fmt = captions_url.lower().rsplit(".", 1)[-1]

@@ -96,7 +96,7 @@ def open_caption_file(url: str, transform, seed: int) -> CaptionedImages:
     to the file's folder. The format is the one `uta zeroshot --task retrieval` reads."""
     import fsspec
 
-    from uta_cli.eval_datasets import parse_captions
+    from uta_cli.captions import parse_captions
 
     try:
         with fsspec.open(url, "r", encoding="utf-8") as f:
