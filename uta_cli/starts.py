@@ -20,13 +20,13 @@ from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
 from uta_cli.loading import (
     Preprocess,
+    checkpoint_kind,
     student_preprocess,
     student_state_dict,
     teacher_from_meta,
     tuned_text_tower,
 )
 from uta_cli.models import release
-from uta_cli.models.open_clip_folder import is_open_clip_folder
 from uta_cli.models.release import ReleasedModel, ReleaseTextTower
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, load_clip
@@ -100,10 +100,11 @@ def resolve_init(init: str) -> Start:
             f"init {init!r} does not exist. Give a UTA run directory or checkpoint folder (for "
             f"the demo: run `uta pretrain` first, it writes runs/demo), a released uta_*.pt "
             f"file, timm:MODEL or open_clip:MODEL, or --set init= for a random start.")
-    if release.resolve_format(init) == "uta-release":  # a released uta_*.pt file
+    kind = checkpoint_kind(init)
+    if kind == "uta-release":  # a released uta_*.pt file
         rel = release.load_release(init)
         return Start("uta-release", os.path.abspath(init), rel.meta, rel)
-    if is_open_clip_folder(init):  # an open_clip CLIP, e.g. one `uta export` wrote
+    if kind == "open-clip-folder":  # an open_clip CLIP, e.g. one `uta export` wrote
         raise UtaUsageError(
             f"init {init} is an open_clip folder, not a UTA checkpoint. Start from its image "
             f"tower with --set init=open_clip:local-dir:{os.path.abspath(init)}, or from the UTA "
@@ -170,9 +171,10 @@ def student_init_state(init: str, cfg: StudentConfig, embed_dim: int
     (uta_*.pt), or of the student of a UTA pre-training or contrastive-tuning checkpoint. The
     recipe's student `cfg` must have the same shape; a mismatch is named field by field instead
     of failing in load_state_dict."""
-    if os.path.isfile(init):
+    kind = checkpoint_kind(init)
+    if kind == "uta-release":
         return _release_init_state(init, cfg, embed_dim), f"the released UTA file {init}"
-    if is_open_clip_folder(init):
+    if kind == "open-clip-folder":
         raise UtaUsageError(f"student.init {init} is an open_clip folder, not a UTA checkpoint. "
                             f"student.init takes a UTA pre-training or contrastive-tuning "
                             f"checkpoint, or a released uta_*.pt file: give the run it was "
