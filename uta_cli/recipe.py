@@ -415,8 +415,3 @@ def load_recipe(name_or_path: str | None = None, overrides: typing.Iterable[str]
     data.setdefault("name", default_name)
     data = apply_overrides(data, overrides)
     return recipe_from_dict(data)
-
-
-def save_recipe(recipe: Recipe, path: str) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(recipe_to_dict(recipe), f, sort_keys=False)

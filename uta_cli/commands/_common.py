@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -175,3 +176,8 @@ CKPT_OPTION = typer.Option(
 CKPT_FORMAT_OPTION = typer.Option(
     "auto", "--ckpt-format", help="auto (a file is a released UTA file, a folder a uta "
     "checkpoint or an exported open_clip folder), uta or uta-release.")
+
+# Option value types shared by several commands (Typer lists and checks the choices)
+CkptFormat = Literal["auto", "uta", "uta-release"]  # release.FORMATS
+Precision = Literal["auto", "bf16", "fp32"]
+TextContext = Literal["trimmed", "full"]  # zeroshot.TEXT_CONTEXTS

@@ -10,13 +10,14 @@ from uta_cli.commands._common import (
     CKPT_FORMAT_OPTION,
     CKPT_OPTION,
     DEVICE_METAVAR,
+    CkptFormat,
+    Precision,
     cli_errors,
     metavar,
     parse_device,
     quiet_libraries,
     word_or_path,
 )
-from uta_cli.commands.embed import CkptFormat, Precision
 
 TEMPLATES = ("openai", "simple", "none")
 

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import typer
 
 from uta_cli.commands._common import (
     CKPT_FORMAT_OPTION,
     CKPT_OPTION,
     DEVICE_METAVAR,
+    CkptFormat,
+    Precision,
     cli_errors,
     parse_device,
     quiet_libraries,
 )
 
 # The words these options take (checked again where used: release.FORMATS, PRECISIONS).
-CkptFormat = Literal["auto", "uta", "uta-release"]
-Precision = Literal["auto", "bf16", "fp32"]
 
 
 def embed(

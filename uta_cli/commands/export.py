@@ -13,6 +13,8 @@ import typer
 from rich.markup import escape
 
 from uta_cli.commands._common import (
+    CkptFormat,
+    TextContext,
     cli_errors,
     err_console,
     metavar,
@@ -22,8 +24,6 @@ from uta_cli.commands._common import (
 from uta_cli.errors import UtaUsageError
 
 # The words these options take (the core checks them again: export.FORMATS, KINDS).
-CkptFormat = Literal["auto", "uta", "uta-release"]
-TextContext = Literal["trimmed", "full"]  # zeroshot.TEXT_CONTEXTS
 Format = Literal["onnx", "torchscript", "pt2", "open-clip", "hf-hub"]
 OutputKind = Literal["embedding", "tokens", "classifier"]
 TEMPLATES = ("openai", "simple")
@@ -173,7 +173,9 @@ def _remote_output(opts, format_: str, force: bool):
     if not is_remote(url):
         yield
         return
-    if format_ in ("open-clip", "hf-hub"):
+    from uta_cli.export_formats import REGISTRY
+
+    if REGISTRY[format_].metadata == "folder":
         raise UtaUsageError(f"--format {format_} writes a folder for local use; export it to a "
                             f"local --output, then copy it (e.g. with fsspec or the hub).")
     from uta_cli.io import url_to_fs

@@ -6,13 +6,18 @@ from typing import Literal
 
 import typer
 
-from uta_cli.commands._common import cli_errors, metavar, quiet_libraries, word_or_path
+from uta_cli.commands._common import (
+    CkptFormat,
+    Precision,
+    TextContext,
+    cli_errors,
+    metavar,
+    quiet_libraries,
+    word_or_path,
+)
 
 # The words these options take (the core checks them again: evaluation.TASKS, PRECISIONS).
-CkptFormat = Literal["auto", "uta", "uta-release"]
 Task = Literal["classification", "retrieval", "linear-probe"]
-Precision = Literal["auto", "bf16", "fp32"]
-TextContext = Literal["trimmed", "full"]  # zeroshot.TEXT_CONTEXTS
 DATASETS = ("imagenet", "demo", "imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch",
             "objectnet")
 TEMPLATES = ("openai", "simple")
