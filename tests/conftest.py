@@ -41,6 +41,16 @@ TINY_CLIP_CFG = {
 }
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: torchrun tests must not collide with another test run
+    on the same machine (a fixed --master_port fails when two suites run at once)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_clip_folder(path, model_cfg=TINY_CLIP_CFG, seed=0) -> str:
     """A random-weight open_clip CLIP saved as a `local-dir:` folder."""
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CLIP_CFG, tiny_overrides, write_clip_folder, write_images
+from conftest import TINY_CLIP_CFG, free_port, tiny_overrides, write_clip_folder, write_images
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -428,7 +428,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tm
     script = tmp_path / "two.py"
     script.write_text(_TWO_PROC.format(sets={n: sets(d, 4) for n, d in runs.items()}))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29541", str(script), uta_ckpt, str(tmp_path / "two")],
+                          "--master_port", str(free_port()), str(script), uta_ckpt,
+                          str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -38,7 +38,7 @@ def test_two_process_pretraining_logs_zero_shot_at_the_chosen_steps(tmp_path, ti
         "eval.zeroshot": data, "eval.zeroshot_every": 2, "eval.templates": str(templates),
         "train.log_every": 2})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29561", "-m", "uta_cli", "pretrain", "demo",
+           "--master_port", str(free_port()), "-m", "uta_cli", "pretrain", "demo",
            "--output-dir", str(tmp_path / "run")]
     for s in sets:
         cmd += ["--set", s]

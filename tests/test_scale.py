@@ -13,7 +13,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides, write_images
+from conftest import free_port, tiny_overrides, write_images
 from PIL import Image
 
 from uta_cli.recipe import load_recipe
@@ -230,14 +230,6 @@ def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_p
     assert len(decoded) == 4 and len(rest) == 2
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _descendants(pid: int) -> list[int]:
     """Child processes, recursively (torchrun's ranks and their loader workers), from /proc."""
     children: dict[int, list[int]] = {}
@@ -259,7 +251,7 @@ def _torchrun(run_dir, sets):
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "uta_cli", "pretrain", "demo",
+           "--master_port", str(free_port()), "-m", "uta_cli", "pretrain", "demo",
            "--output-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]

@@ -17,7 +17,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides, write_clip_folder
+from conftest import free_port, tiny_overrides, write_clip_folder
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -593,7 +593,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     args = ["--ckpt", setup["run"], "--dataset", str(data), "--teacher", "--precision", "fp32",
             "--templates", setup["templates"], "--batch-size", "4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29547", "-m", "uta_cli", "zeroshot", *args, "--workers", "0",
+           "--master_port", str(free_port()), "-m", "uta_cli", "zeroshot", *args, "--workers", "0",
            "--output-json", str(tmp_path / "two.json"), "--per-class", str(tmp_path / "two.csv")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
