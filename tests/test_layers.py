@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import textwrap
 
 import pytest
@@ -225,3 +226,27 @@ def test_checker_fails_on_one_workflow_importing_another(tiny):
     graph = import_graph(tiny)
     assert upward_imports(graph, layers) == []  # sideways, not upward
     assert sibling_imports(graph, layers, "work") == ["pkg.other imports pkg.work"]
+
+
+def test_the_layers_page_places_every_module_in_its_layer():
+    """docs/layers.md names each module (or its package) under the heading of its layer."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "layers.md").read_text(encoding="utf-8")
+    sections = text.split("\n## ")[1:]
+    assert len(sections) == len(LAYERS)
+    named: dict[str, set[int]] = {}
+    for index, section in enumerate(sections):
+        for name in re.findall(r"`(uta_cli(?:\.[\w.]+)?)`", section):
+            named.setdefault(name, set()).add(index)
+    misplaced = [f"{n}: under more than one layer" for n, where in named.items() if len(where) > 1]
+    for module in module_names(UTA_CLI):
+        # a package names its modules (uta_cli.tasks, uta_cli.models), the root only itself
+        covering = [n for n in named if module == n or n != "uta_cli" and
+                    module.startswith(n + ".")]
+        if not covering:
+            misplaced.append(f"{module}: not on the page")
+            continue
+        where = min(named[max(covering, key=len)])
+        if where != layer_of(module, LAYERS):
+            misplaced.append(f"{module}: under {LAYERS[where][0]}, "
+                             f"is in {LAYERS[layer_of(module, LAYERS)][0]}")
+    assert not misplaced, misplaced
