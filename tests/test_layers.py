@@ -20,6 +20,8 @@ from __future__ import annotations
 import ast
 import pathlib
 import re
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -156,6 +158,47 @@ def test_imports_run_downward():
     graph = import_graph(UTA_CLI)
     assert sum(len(t) for t in graph.values()) > 100  # the walk sees the real imports
     assert not upward_imports(graph, LAYERS)
+
+
+# Modules that may import uta_cli modules inside functions, because it keeps the command line
+# quick: the commands import their workflow only when they run (`uta --help` needs no torch), and
+# dryrun imports torch-backed modules only when a recipe is checked (`uta recipes` lists at once).
+LAZY_IMPORTERS = ("uta_cli.app", "uta_cli.commands", "uta_cli.dryrun")
+
+
+def function_level_imports(package_dir: pathlib.Path) -> list[str]:
+    """'module: imported' for each import of a package module inside a function."""
+    root = package_dir.name
+    found = []
+    for name, path in module_names(package_dir).items():
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "")
+                                                         .split(".")[0] == root):
+                    found.append(f"{name}: {'.' * node.level}{node.module or ''}")
+                elif isinstance(node, ast.Import):
+                    found += [f"{name}: {a.name}" for a in node.names
+                              if a.name.split(".")[0] == root]
+    return sorted(set(found))
+
+
+def test_imports_inside_functions_only_where_they_keep_the_command_line_quick():
+    lazy = function_level_imports(UTA_CLI)
+    assert any(m.startswith("uta_cli.commands.") for m in lazy)  # the walk sees them
+    assert [m for m in lazy if not m.startswith(LAZY_IMPORTERS)] == []
+
+
+def test_the_command_line_answers_without_importing_torch():
+    code = ("import sys\n"
+            "from typer.testing import CliRunner\n"
+            "from uta_cli.app import app\n"
+            "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
+            "import uta_cli.dryrun\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_workflows_do_not_import_each_other():

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from uta_cli import io
 from uta_cli.errors import UtaUsageError
+from uta_cli.outputs import mirror_of
 
 LATEST = "latest"
 # meta.json's "task": which model a checkpoint holds. Pre-training names its objective (so a run
@@ -87,7 +88,6 @@ def commit(ckpt_root: str, tmp: str, step: int, keep: int) -> str:
     io.replace(tmp, final)
     io.atomic_write_text(os.path.join(ckpt_root, LATEST), step_dirname(step) + "\n")
     log.info("checkpoint written: %s", final)
-    from uta_cli.outputs import mirror_of
 
     mirror = mirror_of(os.path.dirname(ckpt_root))
     if keep > 0:

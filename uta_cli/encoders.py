@@ -14,6 +14,7 @@ from uta_cli.data import (
     View,
 )
 from uta_cli.errors import UtaUsageError
+from uta_cli.loading import load_model, teacher_from_meta
 from uta_cli.models.teacher import CLIPTeacher
 from uta_cli.zeroshot import (
     TextEncoder,
@@ -134,8 +135,6 @@ def build_encoders(ckpt_dir: str, device: torch.device, precision: str, with_tea
     """The student (on its recorded preprocessing) and, with_teacher, the teacher (on its own),
     plus the verified teacher whose text tower scores both. A released UTA file brings its own
     text tower, which takes the teacher's place."""
-    from uta_cli.loading import load_model, teacher_from_meta
-
     loaded = load_model(ckpt_dir, ckpt_format, teacher_weights)
     student, meta = loaded.student, loaded.meta
     if loaded.text is not None:

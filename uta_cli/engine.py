@@ -40,9 +40,11 @@ from uta_cli.errors import (
     is_out_of_memory,
 )
 from uta_cli.io import atomic_path, atomic_write_json, atomic_write_text
+from uta_cli.outputs import mirror_of
 from uta_cli.progress import StepProgress
 from uta_cli.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 from uta_cli.run_setup import EngineConfig
+from uta_cli.tracking import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +199,6 @@ class Engine:
             os.makedirs(tmp)
             ckpt.write_weights(tmp, self.acc.unwrap_model(model).state_dict())
             self._write_meta_and_extra(task, tmp, step, epoch, best=self.best)
-        from uta_cli.outputs import mirror_of
 
         mirror = mirror_of(self.run_dir)
         if mirror is not None:  # a run directory at a URL
@@ -325,7 +326,6 @@ class Engine:
                 shutil.rmtree(self.best_dir, ignore_errors=True)
         model.train()
         if acc.is_main_process:  # every record of metrics.jsonl also goes to train.report_to
-            from uta_cli.tracking import open_trackers
 
             self.trackers = open_trackers(cfg.recipe, self.run_dir)
 

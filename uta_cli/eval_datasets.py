@@ -23,8 +23,10 @@ from uta_cli.datasets import (
     index_image_folder,
     match_classnames,
 )
+from uta_cli.demo_data import CLASSNAMES, TEMPLATES, demo_splits
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import is_local, url_of, url_to_fs
+from uta_cli.recipe import DemoConfig
 from uta_cli.tar_shards import expand_shard_urls
 from uta_cli.zeroshot import (
     read_text_lines,
@@ -81,9 +83,6 @@ def _apply_classnames_file(path: str, count: int, what: str) -> list[str]:
 
 
 def _demo_split(meta: dict):
-    from uta_cli.demo_data import demo_splits
-    from uta_cli.recipe import DemoConfig
-
     # The held-out split that the checkpoint's own recipe generated (its size and seed).
     recorded = (meta.get("recipe") or {}).get("demo") or {}
     defaults = DemoConfig()
@@ -298,8 +297,6 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
         raise UtaUsageError("--data-dir is for --dataset imagenet and for retrieval images. For "
                             "a class folder or tar shards, give the location as --dataset.")
     if dataset == "demo":
-        from uta_cli.demo_data import CLASSNAMES
-
         split = _demo_split(meta)
         names, source = list(CLASSNAMES), "demo"
         if classnames_file:
@@ -339,8 +336,6 @@ def resolve_eval_templates(spec: str, evalset: EvalSet) -> tuple[str, list[str]]
     """--templates, or the dataset's own set when not given."""
     spec = spec or evalset.default_templates
     if spec == "demo":
-        from uta_cli.demo_data import TEMPLATES
-
         return "demo", template_strings(TEMPLATES)
     return resolve_templates(spec)
 

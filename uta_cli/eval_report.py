@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.outputs import open_output
 from uta_cli.zeroshot import RECALL_KS
 
 
@@ -82,8 +83,6 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
 
 def write_json(result: ZeroShotResult, path: str) -> None:
     """A local path or an fsspec URL (memory://, s3://, ...), written whole or not at all."""
-    from uta_cli.outputs import open_output
-
     with open_output(path) as f:
         json.dump(result.report, f, indent=1)
 
@@ -110,7 +109,6 @@ def write_per_model_json(result: ZeroShotResult, pattern: str) -> list[str]:
     paths = []
     for model, report in per_model.items():
         path = pattern.replace("{dataset}", slug).replace("{model}", model)
-        from uta_cli.outputs import open_output
 
         with open_output(path) as f:
             json.dump(report, f, indent=1)
@@ -148,7 +146,6 @@ def write_per_class_csv(result: ZeroShotResult, path: str) -> None:
     and <role>_top5_correct per model. Recall is empty for a class without samples."""
     if result.task != "classification":
         raise UtaUsageError("--per-class applies to --task classification.")
-    from uta_cli.outputs import open_output
 
     roles = list(result.per_class)
     with open_output(path, "w", newline="") as f:

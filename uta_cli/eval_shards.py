@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ from uta_cli.datasets import collate_skip_none
 from uta_cli.encoders import Encoder, text_encoder
 from uta_cli.errors import UtaUsageError
 from uta_cli.eval_datasets import EvalSet, resolve_dataset
+from uta_cli.linear_probe import ProbeConfig, linear_probe
 from uta_cli.progress import progress_bar
 from uta_cli.tar_shards import TarShardDataset
 from uta_cli.zeroshot import (
@@ -33,9 +33,6 @@ from uta_cli.zeroshot import (
     retrieval_metrics,
     zero_shot_logits,
 )
-
-if TYPE_CHECKING:
-    from uta_cli.linear_probe import ProbeConfig
 
 
 def shard_loader(evalset: EvalSet, transform, rank: int, world: int, batch_size: int,
@@ -200,8 +197,6 @@ def fit_probes(train_parts: list[dict], test_parts: list[dict], roles: list[str]
                num_classes: int, cfg: ProbeConfig, say) -> dict:
     """role -> linear-probe metrics (linear_probe.py) on the merged features of every process;
     each process fits the same probe from the same features, so all agree."""
-    from uta_cli.linear_probe import linear_probe
-
     out = {}
     for role in roles:
         train_x, train_y = _merged_features(train_parts, role)

@@ -16,6 +16,7 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.eval_classifier import cached_classifier, default_cache_dir
 from uta_cli.eval_datasets import EvalSet, resolve_dataset, resolve_eval_templates
 from uta_cli.eval_shards import classify_shard, merge_classification, shard_loader
+from uta_cli.recipe import recipe_to_dict
 
 if TYPE_CHECKING:
     from uta_cli.models.teacher import CLIPTeacher
@@ -55,8 +56,6 @@ class TrainingZeroShot:
 
     @classmethod
     def from_recipe(cls, recipe, student_view: View) -> TrainingZeroShot:
-        from uta_cli.recipe import recipe_to_dict
-
         e = recipe.eval
         if e.zeroshot_every < 0 or e.zeroshot_samples < 0:
             raise UtaUsageError("eval.zeroshot_every and eval.zeroshot_samples must be >= 0.")

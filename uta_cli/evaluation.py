@@ -48,6 +48,8 @@ from uta_cli.eval_shards import (
     retrieval_shard,
     shard_loader,
 )
+from uta_cli.linear_probe import ProbeConfig
+from uta_cli.loading import checkpoint_kind, read_model_meta
 from uta_cli.zeroshot import TEXT_CONTEXTS
 
 if TYPE_CHECKING:
@@ -140,8 +142,6 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     check_options(opts)
     console = console or Console()
     # Inputs are checked before any model is built, so mistakes come back in a second.
-    from uta_cli.loading import checkpoint_kind, read_model_meta
-
     kind = checkpoint_kind(opts.ckpt, opts.ckpt_format)
     if kind == "uta-release" and (opts.teacher or opts.teacher_weights):
         raise UtaUsageError("A released UTA file has no separate CLIP teacher: its own text "
@@ -224,8 +224,6 @@ def run_zeroshot(opts: ZeroShotOptions, console: Console | None = None) -> ZeroS
     if classification:
         results = merge_classification(parts, roles, len(evalset.classnames))
     elif probe:
-        from uta_cli.linear_probe import ProbeConfig
-
         probe_cfg = ProbeConfig(lr=opts.probe_lr, epochs=opts.probe_epochs,
                                 batch_size=opts.batch_size,
                                 val_proportion=opts.probe_val_proportion, seed=opts.seed)

@@ -43,7 +43,9 @@ from uta_cli.export_verify import (
     verify,
 )
 from uta_cli.io import atomic_path, atomic_write_json
+from uta_cli.loading import load_model, student_preprocess, teacher_from_meta
 from uta_cli.models.open_clip_folder import EXPORT_METADATA as OPEN_CLIP_METADATA
+from uta_cli.zeroshot import TextEncoder, build_classifier, read_classnames, resolve_templates
 
 # what callers of the workflow use, wherever it is defined
 __all__ = ["DEFAULT_ATOL", "FORMATS", "KINDS", "ExportFailed", "ExportOptions", "ExportResult",
@@ -152,8 +154,6 @@ def checkpoint_hash(folder: str) -> str:
 
 def build_metadata(meta: dict, fmt: str, kind: str, student: nn.Module,
                    classnames: list[str] | None, templates: list | None) -> dict:
-    from uta_cli.loading import student_preprocess
-
     pp = student_preprocess(meta)
     size = pp.size
     md = {
@@ -222,13 +222,9 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     spec = REGISTRY[fmt]
     classnames = templates = None
     if kind == "classifier":
-        from uta_cli.zeroshot import read_classnames, resolve_templates
-
         classnames = read_classnames(opts.classnames)
         templates = resolve_templates(opts.templates)[1]  # the same prompts as `uta zeroshot`
     output = os.path.abspath(opts.output)
-
-    from uta_cli.loading import load_model
 
     loaded = load_model(opts.ckpt, opts.ckpt_format, opts.teacher_weights)
     student, meta = loaded.student, loaded.meta
@@ -237,12 +233,8 @@ def export_checkpoint(opts: ExportOptions, say: Callable[[str], None] = print) -
     if loaded.text is not None:  # the checkpoint's own text tower (a release has no CLIP teacher)
         teacher = loaded.text
     elif kind == "classifier" or spec.whole_clip:
-        from uta_cli.loading import teacher_from_meta
-
         teacher = teacher_from_meta(meta, opts.teacher_weights or _local_teacher_dir(meta))
     if kind == "classifier":
-        from uta_cli.zeroshot import TextEncoder, build_classifier
-
         say(f"building a zero-shot head: {len(classnames)} classes x {len(templates)} templates "
             f"through {teacher.identity.model}")
         classifier = build_classifier(TextEncoder(teacher.clip, opts.text_context),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Subset
 
+from uta_cli.captions import parse_captions
 from uta_cli.data import (
     ArrayImageDataset,
     MaskCollator,
@@ -95,8 +96,6 @@ def open_caption_file(url: str, transform, seed: int) -> CaptionedImages:
     """(image path, caption) pairs from a CSV/TSV/JSON (local or fsspec); image paths relative
     to the file's folder. The format is the one `uta zeroshot --task retrieval` reads."""
     import fsspec
-
-    from uta_cli.captions import parse_captions
 
     try:
         with fsspec.open(url, "r", encoding="utf-8") as f:

@@ -35,6 +35,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.io import atomic_write_json
+from uta_cli.models.open_clip_folder import open_clip_state_dict
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -69,9 +71,6 @@ def check_push_possible() -> None:
 def write_hub_folder(folder: str, repo_id: str, student: nn.Module, clip: nn.Module,
                      oc_config: dict, timm_config: dict, card: str) -> None:
     """Write the repository layout into the (new, empty) `folder`."""
-    from uta_cli.io import atomic_write_json
-    from uta_cli.models.open_clip_folder import open_clip_state_dict
-
     os.makedirs(folder)
     oc_config = json.loads(json.dumps(oc_config))
     oc_config["model_cfg"]["vision_cfg"]["timm_model_name"] = "hf-hub:" + repo_id

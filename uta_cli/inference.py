@@ -32,7 +32,7 @@ from uta_cli.encoders import Encoder, build_encoders, resolve_precision, text_en
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import atomic_path
 from uta_cli.progress import progress_bar
-from uta_cli.zeroshot import build_classifier, resolve_templates
+from uta_cli.zeroshot import build_classifier, read_classnames, resolve_templates
 
 EMBED_SUFFIXES = (".safetensors", ".npy")
 LOGIT_SCALE = 100.0  # the zero-shot protocol's fixed scale
@@ -188,8 +188,6 @@ def parse_labels(labels: str, classnames_file: str) -> list[str]:
         raise UtaUsageError('Give the candidate labels with --labels "a cat,a dog" or '
                             '--classnames FILE (one a line), one of the two.')
     if classnames_file:
-        from uta_cli.zeroshot import read_classnames
-
         return read_classnames(classnames_file)
     names = [s.strip() for s in labels.split(",") if s.strip()]
     if len(names) < 2:

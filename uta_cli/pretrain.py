@@ -29,6 +29,7 @@ from uta_cli.demo_data import CLASSNAMES, demo_splits
 from uta_cli.demo_teacher import ensure_demo_teacher, zeroshot_demo
 from uta_cli.engine import Engine
 from uta_cli.errors import UtaUsageError
+from uta_cli.eval_training import TrainingZeroShot
 from uta_cli.masking import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_mask_token
 from uta_cli.models.teacher import load_teacher
@@ -143,8 +144,6 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     zeroshot = None
     if recipe.eval.zeroshot not in ("", "none") and \
             (recipe.eval.zeroshot != "demo" or recipe.eval.zeroshot_every > 0):
-        from uta_cli.eval_training import TrainingZeroShot
-
         zeroshot = TrainingZeroShot.from_recipe(recipe, views[0])
         say(f"[dim]{escape(zeroshot.describe())}[/dim]")
     task = AlignmentTask(recipe, student, teacher, source, val_source,

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.outputs import is_remote, local_path, mirror_run
 from uta_cli.recipe import Recipe, recipe_to_dict
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ def check_distributed_type(kind) -> None:
 
 def run_directory(output_dir: str, default_name: str) -> str:
     path = output_dir or os.path.join("runs", default_name)
-    from uta_cli.outputs import is_remote, local_path, mirror_run
 
     path = local_path(path)  # file:// URLs are local paths
     if is_remote(path):  # written in a local staging folder, copied after each checkpoint

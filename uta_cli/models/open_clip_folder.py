@@ -33,6 +33,9 @@ from torch import nn
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import atomic_write_json
+from uta_cli.models import student as student_module
+from uta_cli.models.student import UTAStudent
+from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, file_fingerprint
 from uta_cli.recipe import StudentConfig
 
 CONFIG = "open_clip_config.json"
@@ -163,8 +166,6 @@ def capture_trunk_kwargs(cfg) -> tuple[str, dict]:
     Captured by intercepting the constructor rather than restated here, so the export cannot drift
     from how training builds the student.
     """
-    from uta_cli.models import student as student_module
-
     captured: dict = {}
 
     class _Captured(Exception):
@@ -252,8 +253,6 @@ def _trunk_dir(folder: str, cfg: dict) -> str:
 
 def read_folder(folder: str) -> dict:
     """The checkpoint-like meta of an exported folder, checked without building a model."""
-    from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
-
     folder = os.path.abspath(folder)
     cfg = read_config(folder)
     name = tower_name(cfg)
@@ -291,9 +290,6 @@ def load_folder(folder: str):
     """(UTAStudent, CLIPTeacher over the folder's CLIP, checkpoint-like meta). The student
     shares its modules with the CLIP's image tower, so nothing is held twice."""
     import open_clip
-
-    from uta_cli.models.student import UTAStudent
-    from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
 
     folder = os.path.abspath(folder)
     meta = read_folder(folder)

@@ -23,6 +23,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,6 @@ def clip_from_file(model: str, path: str) -> tuple[nn.Module, str]:
         resize_pos_embed,
         resize_text_pos_embed,
     )
-
-    from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
 
     try:
         state = load_state_dict(path)  # safetensors or torch (weights_only); unwraps

@@ -30,6 +30,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from uta_cli.data import Source, TrainTransform, View, normalize
+from uta_cli.datasets import collate_skip_none
 from uta_cli.errors import UtaUsageError
 from uta_cli.zeroshot import classification_metrics
 
@@ -206,8 +207,6 @@ def layer_decay_groups(model: ClassificationModel, weight_decay: float,
 
 def eval_loader(dataset, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
     """One ordered pass over a map-style or tar-shard dataset (unreadable images skipped)."""
-    from uta_cli.datasets import collate_skip_none
-
     if isinstance(dataset, torch.utils.data.IterableDataset):
         num_workers = min(num_workers, len(getattr(dataset, "shards", [None])))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
