@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import cli
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.recipe import builtin_recipe_names, load_recipe, recipe_to_dict
@@ -76,8 +77,17 @@ def test_resolved_recipe_round_trips(tmp_path):
     (["pretrain", "demo", "--set", "mask.ratio=1.5"], "mask.ratio"),
 ])
 def test_bad_input_is_exit_2_without_traceback(args, needle, tmp_path):
-    out = uta(*args, "--output-dir", str(tmp_path / "run"))
-    assert out.returncode == 2, out.stderr + out.stdout
-    text = out.stderr + out.stdout
+    # in-process (a torch import per case would cost 5 s); the next test takes the real
+    # `python -m uta_cli` path once
+    out = cli(*args, "--output-dir", tmp_path / "run")
+    assert out.exit_code == 2, out.output
+    text = out.output
     assert needle in " ".join(text.split())  # rich may wrap lines
     assert "Traceback" not in text
+
+
+def test_bad_input_through_python_m_is_exit_2_without_traceback(tmp_path):
+    out = uta("pretrain", "demo", "--set", "mask.ratio=1.5", "--output-dir", tmp_path / "run")
+    assert out.returncode == 2, out.stderr + out.stdout
+    assert "mask.ratio" in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
