@@ -43,6 +43,15 @@ def student_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
 
 
+def student_weights(folder: str, meta: dict, state: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """The UTAStudent weights of a UTA checkpoint folder: a pre-training run's own keys, or a
+    contrastive run's student keys (under STUDENT_PREFIX). state: the folder's weights, if read
+    already."""
+    state = ckpt.load_weights(folder) if state is None else state
+    return student_state_dict(state) if meta.get("task") == ckpt.CONTRASTIVE_TASK else state
+
+
 def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
     """(student, teacher, meta) of a contrastive-tuning checkpoint (file or run directory): the
     UTA student, and the verified teacher whose CLIP now carries the TUNED text tower and logit
@@ -54,7 +63,7 @@ def tuned_clip_from_checkpoint(ckpt_dir: str, teacher_weights: str = ""):
                             f"tower (not a contrastive-tuning checkpoint).")
     state = ckpt.load_weights(folder)
     student = UTAStudent(StudentConfig(**meta["student"]), int(meta["embed_dim"]))
-    student.load_state_dict(student_state_dict(state))
+    student.load_state_dict(student_weights(folder, meta, state))
     teacher = tuned_text_tower(folder, meta, state, teacher_weights)
     meta["checkpoint_dir"] = folder
     return student.eval(), teacher, meta
@@ -209,14 +218,14 @@ def load_model(path: str, fmt: str = "auto", teacher_weights: str = "") -> Loade
         return LoadedModel(student, meta, "open-clip-folder", text)
     folder = ckpt.resolve_checkpoint(path)
     meta = ckpt.load_meta(folder)
-    if meta.get("task") == "uta-contrastive":
+    if meta.get("task") == ckpt.CONTRASTIVE_TASK:
         student, tuned, meta = tuned_clip_from_checkpoint(folder, teacher_weights)
         return LoadedModel(student, meta, "contrastive", tuned)
     if "student" not in meta or "embed_dim" not in meta:
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
     cfg = StudentConfig(**meta["student"])
     model = UTAStudent(cfg, int(meta["embed_dim"]))
-    model.load_state_dict(fit_mask_token(ckpt.load_weights(folder), model))
+    model.load_state_dict(fit_mask_token(student_weights(folder, meta), model))
     meta["checkpoint_dir"] = folder
     return LoadedModel(model.eval(), meta, "checkpoint")
 

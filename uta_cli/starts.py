@@ -22,7 +22,7 @@ from uta_cli.loading import (
     Preprocess,
     checkpoint_kind,
     student_preprocess,
-    student_state_dict,
+    student_weights,
     teacher_from_meta,
     tuned_text_tower,
 )
@@ -64,9 +64,7 @@ class Start:
             # the rebuilt student replaces it; otherwise a giant release stays in memory twice
             self.release.student = None
         else:
-            state = ckpt.load_weights(self.location)
-        if self.kind == "uta-contrastive":
-            state = student_state_dict(state)
+            state = student_weights(self.location, self.meta)
         student.load_state_dict(fit_mask_token(state, student))  # a MIM run's [MASK] is unused
         return student
 
@@ -195,10 +193,7 @@ def student_init_state(init: str, cfg: StudentConfig, embed_dim: int
         raise UtaUsageError(f"student.init {folder} does not fit the recipe: {'; '.join(diffs)}. "
                             f"Set the student section to the checkpoint's (the 'student' of its "
                             f"meta.json) and use the same teacher.")
-    state = ckpt.load_weights(folder)
-    if task == ckpt.CONTRASTIVE_TASK:
-        state = student_state_dict(state)
-    return state, f"{folder} ({task}, step {meta.get('step')})"
+    return student_weights(folder, meta), f"{folder} ({task}, step {meta.get('step')})"
 
 
 def _release_init_state(path: str, cfg: StudentConfig, embed_dim: int
