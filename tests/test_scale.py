@@ -155,6 +155,16 @@ def test_distributed_types_other_than_ddp_are_refused(kind, monkeypatch):
     check_distributed_type("MULTI_GPU")
 
 
+def test_one_process_runs_jobs_of_different_precision_one_after_another(tmp_path):
+    """A notebook runs an fp32 job, then a bf16 one: Accelerate's process-wide state would refuse
+    the second precision with a ValueError; each job gets the precision it asks for."""
+    from uta_cli.run_setup import make_accelerator
+
+    assert make_accelerator("fp32").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("fp32").mixed_precision == "no"
+
+
 def test_ranks_draw_different_drop_path_masks_from_the_same_weights():
     """The engine seeds each optimizer step with (seed, rank, step): the student (same initial
     weights everywhere, built after set_seed(seed)) drops different paths on each rank, the same

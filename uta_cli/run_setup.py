@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.outputs import is_remote, local_path, mirror_run
@@ -71,6 +72,12 @@ def make_accelerator(precision: str) -> Accelerator:
         if os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() in ("1", "true", "yes") \
                 and (kind != "FSDP" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
             check_distributed_type(kind)
+    # Accelerate keeps its state process-wide and refuses a second precision, so a notebook (or
+    # any caller) running a bf16 job after an fp32 one would fail. The finished job's precision
+    # state is dropped; the process group (PartialState) stays.
+    if AcceleratorState._shared_state and \
+            AcceleratorState._shared_state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     check_distributed_type(acc.distributed_type)
     return acc
