@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from uta_cli.data import TrainTransform, View
-from uta_cli.datasets import ImageFolderDataset, index_image_folder
+from uta_cli.data.folders import ImageFolderDataset, index_image_folder
+from uta_cli.data.pipeline import TrainTransform, View
 
 SIZES = ((500, 375), (1024, 768))
 VIEWS = [View("student", 224, (0.5,) * 3, (0.5,) * 3),

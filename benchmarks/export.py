@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from uta_cli.export_formats import ExportModule, export_onnx, export_torchscript, load_runner
+from uta_cli.export.formats import ExportModule, export_onnx, export_torchscript, load_runner
 from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import StudentConfig
 

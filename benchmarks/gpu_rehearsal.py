@@ -67,14 +67,21 @@ def measure(args: argparse.Namespace) -> dict | None:
     """One measurement on this process group; the main process returns the results."""
     import open_clip
 
-    from uta_cli.data import MaskCollator, Source, TrainTransform, View, normalize, open_dataset
+    from uta_cli.data.pipeline import (
+        MaskCollator,
+        Source,
+        TrainTransform,
+        View,
+        normalize,
+        open_dataset,
+    )
     from uta_cli.losses import gather_targets, token_alignment_loss
-    from uta_cli.masking import MaskSpec
+    from uta_cli.masks.generate import MaskSpec
     from uta_cli.models.student import UTAStudent
     from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
     from uta_cli.recipe import load_recipe
-    from uta_cli.run_setup import make_accelerator
     from uta_cli.tasks.common import decay_groups
+    from uta_cli.train.setup import make_accelerator
 
     sets = [f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
             f"train.precision={args.precision}", f"data.source={args.data_dir}"]

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from uta_cli.masking import STRATEGIES, MaskSpec, generate_masks
+from uta_cli.masks.generate import STRATEGIES, MaskSpec, generate_masks
 
 
 def masks_per_second(spec: MaskSpec, grid: tuple[int, int], batch: int, seconds: float) -> float:

@@ -23,7 +23,7 @@ import dataclasses
 import open_clip
 import torch
 
-from uta_cli.masking import num_visible
+from uta_cli.masks.generate import num_visible
 from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import load_recipe
 

@@ -40,14 +40,14 @@ from rich.console import Console
 from torch.utils.flop_counter import FlopCounterMode
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.evaluation import ZeroShotOptions, run_zeroshot
-from uta_cli.finetune import run_finetune
-from uta_cli.loading import teacher_from_meta
-from uta_cli.masking import MaskSpec, generate_masks, keep_indices
+from uta_cli.loading.model import teacher_from_meta
+from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices
 from uta_cli.models.student import UTAStudent
-from uta_cli.pretrain import run_pretrain
 from uta_cli.recipe import load_recipe
 from uta_cli.tasks.alignment import OBJECTIVES, objective_loss
+from uta_cli.workflows.finetune import run_finetune
+from uta_cli.workflows.pretrain import run_pretrain
+from uta_cli.workflows.zeroshot import ZeroShotOptions, run_zeroshot
 
 QUIET = Console(file=io.StringIO())  # the runs' own tables; this script prints its summary
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from uta_cli.losses import gather_targets, token_alignment_loss
-from uta_cli.masking import MaskSpec, generate_masks, keep_indices
+from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices
 from uta_cli.models.student import UTAStudent, build_trunk
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
 from uta_cli.recipe import StudentConfig

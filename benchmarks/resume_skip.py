@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from uta_cli.data import MaskCollator, Source, TrainTransform, View, open_dataset
-from uta_cli.masking import MaskSpec
+from uta_cli.data.pipeline import MaskCollator, Source, TrainTransform, View, open_dataset
+from uta_cli.masks.generate import MaskSpec
 
 
 def write_shards(folder: str, shards: int, per_shard: int, size: tuple[int, int]) -> str:

@@ -38,19 +38,19 @@ from PIL import Image
 from rich.console import Console
 from safetensors.torch import save_file
 
-from uta_cli.data import EvalTransform
-from uta_cli.encoders import Encoder, eval_view, resolve_precision
-from uta_cli.eval_classifier import (
+from uta_cli.data.pipeline import EvalTransform
+from uta_cli.evaluate.class_weights import (
     classifier_cache_key,
     load_cached_classifier,
     save_cached_classifier,
 )
-from uta_cli.eval_datasets import resolve_dataset
-from uta_cli.eval_shards import classify_shard, merge_classification, shard_loader
+from uta_cli.evaluate.datasets import resolve_dataset
+from uta_cli.evaluate.encoders import Encoder, eval_view, resolve_precision
+from uta_cli.evaluate.per_process import classify_shard, merge_classification, shard_loader
+from uta_cli.evaluate.zeroshot import TextEncoder, build_classifier
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import StudentConfig
-from uta_cli.zeroshot import TextEncoder, build_classifier
 
 SMALL_CLIP = {
     "embed_dim": 256,

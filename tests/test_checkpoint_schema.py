@@ -16,9 +16,9 @@ from conftest import write_clip_folder
 from safetensors.torch import load_file
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.engine import Engine
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import load_model, student_from_checkpoint, teacher_from_meta
+from uta_cli.loading.model import load_model, student_from_checkpoint, teacher_from_meta
+from uta_cli.train.run_files import RunFiles
 
 V1 = pathlib.Path(__file__).parent / "data" / "checkpoint_v1"
 
@@ -75,8 +75,8 @@ def test_an_unknown_schema_is_refused_with_the_fix(tmp_path, schema):
 
 def test_the_engine_writes_the_current_schema(tmp_path):
     task = types.SimpleNamespace(name="uta-align", checkpoint_meta=lambda: {"embed_dim": 8})
-    engine = types.SimpleNamespace(cfg=types.SimpleNamespace(recipe={"name": "x"}))
-    Engine._write_meta_and_extra(engine, task, str(tmp_path), step=3, epoch=0)
+    files = types.SimpleNamespace(cfg=types.SimpleNamespace(recipe={"name": "x"}))
+    RunFiles.write_meta_and_extra(files, task, str(tmp_path), step=3, epoch=0)
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["meta_schema"] == ckpt.META_SCHEMA and meta["step"] == 3
 

@@ -33,10 +33,11 @@ def squashed(text: str) -> str:
 
 
 def test_core_and_command_line_agree_on_the_choices():
-    from uta_cli import evaluation, export
     from uta_cli.commands import export as export_cmd
     from uta_cli.commands import zeroshot as zeroshot_cmd
     from uta_cli.models import release
+    from uta_cli.workflows import export as export
+    from uta_cli.workflows import zeroshot as evaluation
 
     assert typing.get_args(export_cmd.Format) == export.FORMATS
     assert typing.get_args(export_cmd.OutputKind) == export.KINDS

@@ -175,7 +175,7 @@ def test_out_of_memory_in_training_names_the_knobs_and_keeps_the_checkpoint(
 
 
 def test_out_of_memory_in_evaluation_names_batch_size(good_run, monkeypatch):
-    from uta_cli import encoders
+    from uta_cli.evaluate import encoders as encoders
 
     def oom(self, images):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")

@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from uta_cli.datasets import (
+from uta_cli.data.folders import (
     ImageFolderDataset,
     collate_skip_none,
     decode_image,
     index_image_folder,
 )
+from uta_cli.data.shards import TarShardDataset, expand_braces, sample_id_for
 from uta_cli.errors import UtaUsageError
-from uta_cli.tar_shards import TarShardDataset, expand_braces, sample_id_for
 
 # ---------------------------------------------------------------------------------- helpers
 
@@ -270,7 +270,7 @@ def test_corrupt_images_skipped_and_counted_with_workers(tmp_path, caplog):
     assert labels == [idx.labels[i] for i in ids]
 
     # In one process: one warning naming the first bad file, not one per bad file.
-    with caplog.at_level(logging.WARNING, logger="uta_cli.datasets"):
+    with caplog.at_level(logging.WARNING, logger="uta_cli.data.folders"):
         items = [ds[i] for i in range(len(ds))]
     assert sum(x is None for x in items) == 2
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -416,7 +416,7 @@ def test_memory_shard_with_corrupt_image_and_damaged_shard(memroot, tmp_path, ca
     whole = _shard_bytes(2, n=4)
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole[: 3584 + 512 + 100])
-    with caplog.at_level(logging.WARNING, logger="uta_cli.tar_shards"):
+    with caplog.at_level(logging.WARNING, logger="uta_cli.data.shards"):
         items = list(TarShardDataset([str(cut)], _to_tensor))
     assert [x["caption"] for x in items] == ["caption 2-0"]
     assert any("cut.tar" in r.getMessage() for r in caplog.records)

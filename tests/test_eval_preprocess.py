@@ -9,8 +9,8 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
+from uta_cli.data.transforms import EvalTransform, View, eval_resize_crop, normalize
 from uta_cli.errors import UtaUsageError
-from uta_cli.transforms import EvalTransform, View, eval_resize_crop, normalize
 
 # (width, height): landscape and portrait, odd and even, and sizes where rounding the long side
 # differs from truncating it (500x375 -> 298x224 in torchvision, 299x224 when rounded; 97x75 ->

@@ -22,15 +22,15 @@ from conftest import tiny_overrides, write_images
 from PIL import Image
 from typer.testing import CliRunner
 
-import uta_cli.export as ex
-import uta_cli.export_formats as formats
+import uta_cli.export.formats as formats
+import uta_cli.workflows.export as ex
 from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
-from uta_cli.data import EvalTransform, View, normalize
-from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+from uta_cli.data.pipeline import EvalTransform, View, normalize
+from uta_cli.evaluate.zeroshot import build_classifier, evaluate
+from uta_cli.loading.model import student_from_checkpoint, teacher_from_meta
 from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import StudentConfig
-from uta_cli.zeroshot import build_classifier, evaluate
 
 runner = CliRunner()
 CLASSES = ["red circle", "blue square", "green triangle", "yellow star", "white cross"]
@@ -341,7 +341,7 @@ def test_zeroshot_takes_an_exported_open_clip_folder(eva_ckpt, tmp_path):
         assert folder[key] == ours[key], key
     assert folder["preprocess"] == ours["preprocess"]
     # (top-1 of a 2-step student is near chance:) what zeroshot scores with is the same too
-    from uta_cli.encoders import build_encoders
+    from uta_cli.evaluate.encoders import build_encoders
 
     built = [build_encoders(str(p), torch.device("cpu"), "fp32", False)[0][0]
              for p in (eva_ckpt, out)]

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
-from uta_cli.finetune import run_finetune
 from uta_cli.recipe import load_recipe
+from uta_cli.workflows.finetune import run_finetune
 
 BASE = {"data.source": "demo", "data.batch_size": 8, "data.num_workers": 0,
         "demo.train_images": 64, "demo.val_images": 32, "data.val_samples": 0,
@@ -57,9 +57,9 @@ def weights(folder, name="model.safetensors"):
 
 def zeroshot_top1(encode_image, clip, tokenizer, meta, n: int) -> dict:
     """The zero-shot core (zeroshot.py) on the first n held-out demo images, student's view."""
-    from uta_cli.data import EvalTransform, View, normalize
-    from uta_cli.demo_data import CLASSNAMES, TEMPLATES, demo_splits
-    from uta_cli.zeroshot import build_classifier, evaluate
+    from uta_cli.data.demo import CLASSNAMES, TEMPLATES, demo_splits
+    from uta_cli.data.pipeline import EvalTransform, View, normalize
+    from uta_cli.evaluate.zeroshot import build_classifier, evaluate
 
     sp = meta["student_preprocess"]
     view = View("student", sp["size"], tuple(sp["mean"]), tuple(sp["std"]))
@@ -77,7 +77,7 @@ def zeroshot_top1(encode_image, clip, tokenizer, meta, n: int) -> dict:
 def uta_ckpt(tmp_path_factory) -> str:
     """A seconds-long UTA pre-training run against a tiny CLIP (logit scale 50, as the demo
     teacher: contrastive tuning then learns within a few dozen steps)."""
-    from uta_cli.pretrain import run_pretrain
+    from uta_cli.workflows.pretrain import run_pretrain
 
     root = tmp_path_factory.mktemp("uta")
     teacher = write_clip_folder(root / "clip", {**TINY_CLIP_CFG,
@@ -143,7 +143,7 @@ def test_layer_decay_lrs_follow_decay_power_of_depth_minus_layer(full_run):
 
 
 def test_zeroshot_head_step_zero_equals_zeroshot_top1(full_run, uta_ckpt):
-    from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+    from uta_cli.loading.model import student_from_checkpoint, teacher_from_meta
 
     run_dir, _ = full_run
     first = [r for r in metrics(run_dir) if r.get("event") == "val"][0]
@@ -157,9 +157,9 @@ def test_zeroshot_head_step_zero_equals_zeroshot_top1(full_run, uta_ckpt):
 
 
 def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
-    from uta_cli.finetune import build_classification
-    from uta_cli.starts import resolve_init
+    from uta_cli.loading.starts import resolve_init
     from uta_cli.tasks.classification import EMA_FILE
+    from uta_cli.workflows.finetune import build_classification
 
     run_dir, summary = full_run
     latest = ckpt.latest_checkpoint(str(run_dir))
@@ -168,7 +168,7 @@ def test_ema_weights_differ_from_live_and_are_evaluated(full_run, uta_ckpt):
     assert max((live[k] - ema[k]).abs().max().item() for k in live) > 1e-4
     # the logged EMA metrics are those of the saved EMA weights
     recipe = recipe_for("classification", uta_ckpt, **FULL)
-    from uta_cli.run_setup import make_accelerator
+    from uta_cli.train.setup import make_accelerator
 
     task = build_classification(recipe, resolve_init(recipe.init), make_accelerator("fp32"),
                                 lambda *a, **k: None)
@@ -228,7 +228,7 @@ def test_mixup_cutmix_targets_sum_to_one_and_are_keyed():
 
 
 def test_randaugment_is_a_function_of_seed_epoch_and_sample():
-    from uta_cli.data import View
+    from uta_cli.data.pipeline import View
     from uta_cli.tasks.classification import RandAugmentTrainTransform
 
     view = View("image", 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -248,9 +248,9 @@ def test_randaugment_is_a_function_of_seed_epoch_and_sample():
 def test_contrastive_loss_is_lower_for_matched_than_shuffled_pairs(tuned):
     from open_clip.loss import ClipLoss
 
-    from uta_cli.data import View, normalize
-    from uta_cli.demo_data import demo_splits
-    from uta_cli.loading import tuned_clip_from_checkpoint
+    from uta_cli.data.demo import demo_splits
+    from uta_cli.data.pipeline import View, normalize
+    from uta_cli.loading.model import tuned_clip_from_checkpoint
     from uta_cli.tasks.contrastive import uta_clip
 
     run_dir, summary = tuned
@@ -274,7 +274,7 @@ def test_contrastive_loss_is_lower_for_matched_than_shuffled_pairs(tuned):
 
 
 def test_tuned_checkpoint_keeps_text_tower_for_zeroshot(tuned, uta_ckpt, tmp_path):
-    from uta_cli.loading import tuned_clip_from_checkpoint
+    from uta_cli.loading.model import tuned_clip_from_checkpoint
     from uta_cli.tasks.contrastive import uta_clip
 
     run_dir, summary = tuned
@@ -314,9 +314,9 @@ def test_tuned_text_tower_gets_its_own_cached_class_weights(tuned, uta_ckpt, tmp
     from typer.testing import CliRunner
 
     from uta_cli.app import app
-    from uta_cli.demo_data import CLASSNAMES, TEMPLATES
-    from uta_cli.loading import tuned_clip_from_checkpoint
-    from uta_cli.zeroshot import build_classifier
+    from uta_cli.data.demo import CLASSNAMES, TEMPLATES
+    from uta_cli.evaluate.zeroshot import build_classifier
+    from uta_cli.loading.model import tuned_clip_from_checkpoint
 
     run_dir, _ = tuned
     cache = tmp_path / "cache"
@@ -379,7 +379,7 @@ def test_pretrain_student_init_from_uta_checkpoints(full_run, tuned, uta_ckpt, t
     """student.init takes a pre-training or contrastive-tuning checkpoint (the student part);
     a fine-tuning checkpoint or a student of another shape is a clear error, not a
     load_state_dict traceback."""
-    from uta_cli.pretrain import run_pretrain
+    from uta_cli.workflows.pretrain import run_pretrain
 
     teacher_dir = ckpt.load_meta(ckpt.resolve_checkpoint(uta_ckpt))["teacher"]["model"][
         len("local-dir:"):]
@@ -407,7 +407,7 @@ def test_pretrain_student_init_from_uta_checkpoints(full_run, tuned, uta_ckpt, t
 
 _TWO_PROC = """
 import sys
-from uta_cli.finetune import run_finetune
+from uta_cli.workflows.finetune import run_finetune
 from uta_cli.recipe import load_recipe
 init, out = sys.argv[1], sys.argv[2]
 for name, sets in ({sets!r}).items():
@@ -555,8 +555,8 @@ def test_bad_input_is_a_usage_error(sets, needle, tmp_path, uta_ckpt):
 def test_an_open_clip_folder_as_init_names_the_open_clip_form(uta_ckpt):
     import re
 
+    from uta_cli.loading.starts import resolve_init, student_init_state
     from uta_cli.recipe import StudentConfig
-    from uta_cli.starts import resolve_init, student_init_state
 
     folder = os.path.join(os.path.dirname(uta_ckpt), "clip")  # the tiny CLIP: no meta.json
     with pytest.raises(UtaUsageError, match=re.escape(f"init=open_clip:local-dir:{folder}")):
@@ -584,8 +584,8 @@ def test_cli_reports_bad_input_as_exit_2(tmp_path):
 
 
 def test_classnames_file_in_another_order_maps_to_the_folders(tmp_path):
-    from uta_cli.data import EvalTransform, View
-    from uta_cli.finetune_data import open_data
+    from uta_cli.data.pipeline import EvalTransform, View
+    from uta_cli.tasks.tuning_data import open_data
 
     classes = ("red_thing", "blue_thing", "green_thing")
     write_images(tmp_path / "train", 6, classes=classes)

@@ -18,7 +18,7 @@ from conftest import cli as conftest_cli
 from conftest import tiny_overrides
 from test_release import TINY, make_state
 
-from uta_cli.loading import student_from_checkpoint, teacher_from_meta
+from uta_cli.loading.model import student_from_checkpoint, teacher_from_meta
 
 REPO = "uta-tests/tiny-student"
 
@@ -40,8 +40,8 @@ def run(tmp_path_factory, tiny_clip_dir) -> str:
     from accelerate.state import AcceleratorState
     from rich.console import Console
 
-    from uta_cli.pretrain import run_pretrain
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.pretrain import run_pretrain
 
     run_dir = tmp_path_factory.mktemp("hub_run") / "run"
     recipe = load_recipe("demo", tiny_overrides(tiny_clip_dir, steps=2, **{

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_release import TINY, make_state
 from test_zeroshot import CLASSES, TEMPLATES, write_varied_images
 
-from uta_cli.loading import student_from_checkpoint
+from uta_cli.loading.model import student_from_checkpoint
 from uta_cli.models import release as R
 
 
@@ -31,8 +31,8 @@ def setup(tmp_path_factory):
     from accelerate.state import AcceleratorState
     from rich.console import Console
 
-    from uta_cli.pretrain import run_pretrain
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.pretrain import run_pretrain
 
     root = tmp_path_factory.mktemp("infer")
     clip_dir = write_clip_folder(root / "clip", seed=2)

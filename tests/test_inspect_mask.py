@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import uta_cli.inspect_mask as im
+import uta_cli.workflows.inspect_mask as im
 from uta_cli.app import app
-from uta_cli.inspect_mask import flop_share, inspect_masks
-from uta_cli.mask_report import colour, png_size, render_report, write_csv, write_png
-from uta_cli.masking import STRATEGIES, MaskSpec, generate_masks
+from uta_cli.masks.generate import STRATEGIES, MaskSpec, generate_masks
+from uta_cli.masks.report import colour, png_size, render_report, write_csv, write_png
+from uta_cli.workflows.inspect_mask import flop_share, inspect_masks
 
 runner = CliRunner()
 FIG3 = ["--strategy", "all", "--grid", "14", "--mask-ratio", "0.5",

@@ -1,18 +1,24 @@
-"""The layering of uta_cli as a contract: every import of a uta_cli module, at module level or
-inside a function, points to the same layer or one below, and the import graph has no cycle.
+"""The architecture of uta_cli as a contract. The package is a house of wings (subpackages by
+concern) over a ground floor of small shared modules. Every import of a uta_cli module, at module
+level or inside a function, points to its own wing or a wing below, and the import graph has no
+cycle.
 
-Layers, top first (a module is in the first layer with a matching prefix):
+Wings, top first (a module is in the first wing with a matching prefix):
 
     app        the Typer app and its commands
-    workflows  pretrain, finetune, evaluation (zeroshot runs), export, ...
-    tasks      training tasks, the engine, zero-shot scoring, linear probe, the demo teacher,
-               export formats
-    loading    checkpoints of any kind as models; checkpoint files, data, datasets
-    ground     models/, recipe, masking, losses, io, progress, errors
+    workflows  one user-facing job each: pretrain, finetune, zeroshot, export, convert, ...
+    tasks      what differs between trainers (alignment, classification, contrastive)
+    train      the one engine, its setup, the resume guard, trackers
+    evaluate   zero-shot, evaluation datasets, per-process loops, reports, linear probe, inference
+    export     export formats, their verification, the hub layout
+    loading    any checkpoint or init as one typed model
+    data       sources, datasets, tar shards, transforms
+    models     student, teacher, released and open_clip formats
+    masks      mask generation and its report
+    ground     recipe, losses, checkpoint files, outputs, io, progress, errors
 
-Within a layer imports may run sideways (models/release.py uses models/student.py), except
-between workflows: each workflow stands on the layers below, so what two workflows share moves
-down a layer.
+Within a wing imports may run sideways (models/release.py uses models/student.py), except between
+workflows: each workflow stands on the wings below, so what two workflows share moves down.
 """
 
 from __future__ import annotations
@@ -28,24 +34,22 @@ import pytest
 
 import uta_cli
 
+GROUND = ("uta_cli.recipe", "uta_cli.losses", "uta_cli.checkpoint", "uta_cli.outputs",
+          "uta_cli.io", "uta_cli.progress", "uta_cli.errors", "uta_cli")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("uta_cli.app", "uta_cli.__main__", "uta_cli.commands")),
-    ("workflows", ("uta_cli.pretrain", "uta_cli.finetune", "uta_cli.evaluation",
-                   "uta_cli.export", "uta_cli.inspect_mask", "uta_cli.mask_report",
-                   "uta_cli.dryrun", "uta_cli.inference", "uta_cli.plot", "uta_cli.convert")),
-    ("tasks", ("uta_cli.tasks", "uta_cli.engine", "uta_cli.zeroshot", "uta_cli.linear_probe",
-               "uta_cli.eval_datasets", "uta_cli.encoders", "uta_cli.finetune_data",
-               "uta_cli.demo_teacher", "uta_cli.eval_classifier", "uta_cli.export_formats",
-               "uta_cli.export_verify", "uta_cli.hub", "uta_cli.run_setup",
-               "uta_cli.eval_shards", "uta_cli.eval_report", "uta_cli.eval_training")),
-    ("loading", ("uta_cli.loading", "uta_cli.starts", "uta_cli.checkpoint", "uta_cli.data",
-                 "uta_cli.datasets", "uta_cli.captions",
-                 "uta_cli.tar_shards", "uta_cli.tar_resume", "uta_cli.transforms",
-                 "uta_cli.demo_data", "uta_cli.resume_guard", "uta_cli.tracking")),
-    ("ground", ("uta_cli.models", "uta_cli.recipe", "uta_cli.masking", "uta_cli.losses",
-                "uta_cli.io", "uta_cli.outputs", "uta_cli.progress", "uta_cli.errors",
-                "uta_cli")),
+    ("workflows", ("uta_cli.workflows",)),
+    ("tasks", ("uta_cli.tasks",)),
+    ("train", ("uta_cli.train",)),
+    ("evaluate", ("uta_cli.evaluate",)),
+    ("export", ("uta_cli.export",)),
+    ("loading", ("uta_cli.loading",)),
+    ("data", ("uta_cli.data",)),
+    ("models", ("uta_cli.models",)),
+    ("masks", ("uta_cli.masks",)),
+    ("ground", GROUND),
 ]
+WINGS = [name for name, _ in LAYERS if name not in ("app", "ground")]
 
 
 def module_names(package_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -163,7 +167,7 @@ def test_imports_run_downward():
 # Modules that may import uta_cli modules inside functions, because it keeps the command line
 # quick: the commands import their workflow only when they run (`uta --help` needs no torch), and
 # dryrun imports torch-backed modules only when a recipe is checked (`uta recipes` lists at once).
-LAZY_IMPORTERS = ("uta_cli.app", "uta_cli.commands", "uta_cli.dryrun")
+LAZY_IMPORTERS = ("uta_cli.app", "uta_cli.commands", "uta_cli.workflows.dryrun")
 
 
 def function_level_imports(package_dir: pathlib.Path) -> list[str]:
@@ -195,7 +199,7 @@ def test_the_command_line_answers_without_importing_torch():
             "from typer.testing import CliRunner\n"
             "from uta_cli.app import app\n"
             "assert CliRunner().invoke(app, ['--help']).exit_code == 0\n"
-            "import uta_cli.dryrun\n"
+            "import uta_cli.workflows.dryrun\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -271,25 +275,70 @@ def test_checker_fails_on_one_workflow_importing_another(tiny):
     assert sibling_imports(graph, layers, "work") == ["pkg.other imports pkg.work"]
 
 
-def test_the_layers_page_places_every_module_in_its_layer():
-    """docs/layers.md names each module (or its package) under the heading of its layer."""
+def test_checker_fails_on_an_upward_import_between_wings(tmp_path):
+    pkg = _write(tmp_path / "pkg", {
+        "__init__.py": "",
+        "data/__init__.py": '"""Data."""\n',
+        "data/pipeline.py": "from pkg.masks.generate import draw\n",
+        "masks/__init__.py": '"""Masks."""\n',
+        "masks/generate.py": "def draw():\n    return 1\n",
+    })
+    layers = [("data", ("pkg.data",)), ("masks", ("pkg.masks",)), ("ground", ("pkg",))]
+    assert upward_imports(import_graph(pkg), layers) == []
+    (pkg / "masks" / "generate.py").write_text("from pkg.data import pipeline\n")
+    assert upward_imports(import_graph(pkg), layers) == [
+        "pkg.masks.generate (masks) imports pkg.data.pipeline (data)"]
+
+
+def _wing_modules(wing: str) -> list[str]:
+    return [m for m in module_names(UTA_CLI) if LAYERS[layer_of(m, LAYERS)][0] == wing]
+
+
+def test_each_wing_is_a_package_whose_init_is_a_docstring_only():
+    for wing in WINGS:
+        init = UTA_CLI / wing / "__init__.py"
+        body = ast.parse(init.read_text(encoding="utf-8")).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(
+            body[0].value, ast.Constant) and isinstance(body[0].value.value, str), init
+        assert "May import" in body[0].value.value, f"{init}: say which wings it may import"
+
+
+def test_the_top_level_holds_the_app_and_a_small_ground_floor():
+    top = sorted(p.stem for p in UTA_CLI.glob("*.py"))
+    ground = [m for m in top if m not in ("__init__", "__main__", "app")]
+    assert len(ground) <= 8, ground
+    assert sorted(f"uta_cli.{m}" for m in ground) == sorted(g for g in GROUND if g != "uta_cli")
+    assert not [m for m in top if m.startswith(("eval_", "export_", "finetune_", "tar_", "mask_"))]
+
+
+def test_names_do_not_repeat_their_wing():
+    prefixes = {"evaluate": "eval", "export": "export", "masks": "mask", "data": "data",
+                "train": "train", "loading": "load"}
+    repeated = [m for wing, prefix in prefixes.items() for m in _wing_modules(wing)
+                if m.rpartition(".")[2].startswith(prefix + "_")]
+    assert repeated == []
+
+
+def test_no_module_over_500_lines():
+    long = {name: n for name, path in module_names(UTA_CLI).items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500}
+    assert long == {}
+
+
+def test_the_layers_page_gives_each_wing_a_paragraph_naming_its_modules():
+    """docs/layers.md has a section per wing, in order, naming each module of the wing."""
     text = (pathlib.Path(__file__).parents[1] / "docs" / "layers.md").read_text(encoding="utf-8")
     sections = text.split("\n## ")[1:]
-    assert len(sections) == len(LAYERS)
-    named: dict[str, set[int]] = {}
-    for index, section in enumerate(sections):
-        for name in re.findall(r"`(uta_cli(?:\.[\w.]+)?)`", section):
-            named.setdefault(name, set()).add(index)
-    misplaced = [f"{n}: under more than one layer" for n, where in named.items() if len(where) > 1]
-    for module in module_names(UTA_CLI):
-        # a package names its modules (uta_cli.tasks, uta_cli.models), the root only itself
-        covering = [n for n in named if module == n or n != "uta_cli" and
-                    module.startswith(n + ".")]
-        if not covering:
-            misplaced.append(f"{module}: not on the page")
-            continue
-        where = min(named[max(covering, key=len)])
-        if where != layer_of(module, LAYERS):
-            misplaced.append(f"{module}: under {LAYERS[where][0]}, "
-                             f"is in {LAYERS[layer_of(module, LAYERS)][0]}")
-    assert not misplaced, misplaced
+    assert [s.split()[0] for s in sections] == [name for name, _ in LAYERS]
+    missing = []
+    for (wing, _), section in zip(LAYERS, sections):
+        named = set(re.findall(r"`([\w.]+)`", section))
+        for module in _wing_modules(wing):
+            if module == f"uta_cli.{wing}":
+                continue  # the section's heading names the wing
+            short = module.removeprefix("uta_cli.")
+            if module.startswith("uta_cli.commands."):
+                short = "commands"  # the commands are named as one package
+            if not ({short, module, short.removeprefix(wing + ".")} & named):
+                missing.append(f"{module}: not in the {wing} section")
+    assert not missing, missing

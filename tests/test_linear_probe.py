@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from uta_cli.errors import UtaUsageError
-from uta_cli.linear_probe import WEIGHT_DECAYS, ProbeConfig, linear_probe
+from uta_cli.evaluate.linear_probe import WEIGHT_DECAYS, ProbeConfig, linear_probe
 
 
 def _clusters(n_per_class: int, seed: int, classes: int = 4, dim: int = 8):

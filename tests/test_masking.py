@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uta_cli.errors import UtaUsageError
-from uta_cli.masking import (
+from uta_cli.masks.generate import (
     STRATEGIES,
     MaskSpec,
     generate_masks,
@@ -199,7 +199,7 @@ def _sequential_beit(spec: MaskSpec, grid: tuple[int, int], key: np.ndarray, tar
     """BEiT's generator written the slow, obvious way, fed the same counter-based draws."""
     import math
 
-    from uta_cli.masking import _STREAM_RECT, _uniform
+    from uta_cli.masks.generate import _STREAM_RECT, _uniform
 
     height, width = grid
     mask = np.zeros((height, width), dtype=bool)
@@ -229,7 +229,7 @@ def _sequential_beit(spec: MaskSpec, grid: tuple[int, int], key: np.ndarray, tar
 
 @pytest.mark.parametrize("grid, ratio", [((14, 14), 0.5), ((14, 14), 0.75), ((10, 7), 0.3)])
 def test_vectorised_block_equals_sequential_beit(grid, ratio):
-    from uta_cli.masking import _block_masks, _sample_keys
+    from uta_cli.masks.generate import _block_masks, _sample_keys
 
     spec = MaskSpec("block", ratio, min_block_patches=8)
     ids = np.arange(40)

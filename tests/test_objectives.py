@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import student_from_checkpoint
+from uta_cli.loading.model import student_from_checkpoint
 from uta_cli.losses import gather_targets
-from uta_cli.masking import MaskSpec, generate_masks, keep_indices
+from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices
 from uta_cli.models.student import UTAStudent
-from uta_cli.pretrain import run_pretrain
 from uta_cli.recipe import StudentConfig, load_recipe
 from uta_cli.tasks.alignment import masked_from_keep, objective_loss
+from uta_cli.workflows.pretrain import run_pretrain
 
 runner = CliRunner()
 OBJECTIVES = ("uta", "mim", "fd")
@@ -211,7 +211,7 @@ def test_mim_checkpoint_zero_shots_fine_tunes_and_exports(runs, tmp_path):
     assert not any("mask_token" in name for name, _ in exported.named_parameters())
     assert json.loads((tmp_path / "mim.pt.json").read_text())["objective"] == "mim"
 
-    from uta_cli.starts import resolve_init
+    from uta_cli.loading.starts import resolve_init
 
     recipe = load_recipe("finetune_demo", [f"init={runs['mim']}"])
     start = resolve_init(recipe.init)

@@ -117,8 +117,8 @@ def test_run_directory_at_a_url_writes_latest_last_and_resumes_from_it(
 
 
 def test_finetune_best_checkpoint_reaches_the_url(tmp_path):
-    from uta_cli.finetune import run_finetune
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.finetune import run_finetune
 
     fs = fsspec.filesystem("memory")
     sets = {"data.source": "demo", "data.batch_size": 8, "data.num_workers": 0,

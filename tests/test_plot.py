@@ -11,7 +11,7 @@ import pytest
 from conftest import cli
 from PIL import Image
 
-from uta_cli import plot
+from uta_cli.workflows import plot as plot
 
 
 def fake_run(folder, scale: float, steps: int = 60) -> list[dict]:

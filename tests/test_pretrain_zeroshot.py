@@ -69,8 +69,8 @@ def test_two_process_pretraining_logs_zero_shot_at_the_chosen_steps(tmp_path, ti
 
 
 def test_bad_zero_shot_dataset_fails_before_training(tmp_path, tiny_clip_dir):
-    from uta_cli.pretrain import run_pretrain
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.pretrain import run_pretrain
 
     recipe = load_recipe("demo", tiny_overrides(tiny_clip_dir, steps=2, **{
         "eval.zeroshot": str(tmp_path / "nope"), "eval.zeroshot_every": 1}))

@@ -27,7 +27,7 @@ from conftest import write_images
 from eva_teachers import SHRUNK_NAMES, shrunk_teacher_folder, write_open_clip_folder
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.demo_data import TEACHER_MODEL_CFG
+from uta_cli.data.demo import TEACHER_MODEL_CFG
 from uta_cli.recipe import builtin_recipe_names, load_recipe
 
 RECIPES = builtin_recipe_names()
@@ -121,7 +121,7 @@ def pretrained_run(name: str, workspace) -> str:
     """Run pre-training recipe `name` (once per module) and return its run directory."""
     if name in _PRETRAINED:
         return _PRETRAINED[name]
-    from uta_cli.pretrain import run_pretrain
+    from uta_cli.workflows.pretrain import run_pretrain
 
     shipped = load_recipe(name)
     teacher = teacher_folder(workspace / "teachers", shipped.teacher.model)
@@ -147,7 +147,7 @@ def test_pretrain_recipe_runs_two_steps(name, workspace):
 
 @pytest.mark.parametrize("name", FINETUNE)
 def test_finetune_recipe_runs_two_steps(name, workspace):
-    from uta_cli.finetune import run_finetune
+    from uta_cli.workflows.finetune import run_finetune
 
     shipped = load_recipe(name)
     sets = {**common_sets(name), "init": pretrained_run(pretrain_of(name), workspace)}
@@ -166,7 +166,7 @@ def test_finetune_recipe_runs_two_steps(name, workspace):
 
 def test_finetune_recipe_from_an_open_clip_eva_tower(workspace):
     """`init=open_clip:EVA02-*`: the EVA-CLIP image tower (a timm trunk) is the backbone."""
-    from uta_cli.finetune import run_finetune
+    from uta_cli.workflows.finetune import run_finetune
 
     teacher = teacher_folder(workspace / "teachers", "EVA02-L-14")
     sets = {**common_sets("finetune_vitb16_in1k"), "init": f"open_clip:local-dir:{teacher}",

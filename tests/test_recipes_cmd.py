@@ -77,7 +77,7 @@ def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir, mon
                   *sets(base + [change]))
         assert bad.exit_code == 2, (change, bad.output)
         assert "".join(needle.split()) in "".join(bad.output.split()), (change, bad.output)
-    from uta_cli import tracking
+    from uta_cli.train import tracking as tracking
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)
     no_extra = cli("pretrain", "demo", "--dry-run", *sets(base + ["train.report_to=[aim]"]))

@@ -30,10 +30,10 @@ from timm.layers import RotaryEmbeddingCat
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.errors import UtaUsageError
-from uta_cli.loading import load_model
+from uta_cli.loading.model import load_model
+from uta_cli.loading.starts import student_init_state
 from uta_cli.models import release as R
 from uta_cli.models.student import UTAStudent
-from uta_cli.starts import student_init_state
 
 KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "release_keys")
 SIZES = {  # docs/release-format.md: image, patch, width, depth, heads, mlp hidden
@@ -493,8 +493,8 @@ def test_finetune_takes_a_release_file(tiny_file, images, tmp_path):
     finds the release again through --teacher-weights after the file moved."""
     import shutil
 
-    from uta_cli.finetune import run_finetune
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.finetune import run_finetune
 
     zs_args = ["--dataset", images, "--templates", "simple", "--workers", "0", "--precision",
                "fp32", "--cache-dir", "none"]
@@ -518,7 +518,7 @@ def test_finetune_takes_a_release_file(tiny_file, images, tmp_path):
     assert s["first_val"]["step"] == 0
     assert s["first_val"]["val_acc1"] == pytest.approx(release_acc1, abs=1e-9)
     from uta_cli import checkpoint as ckpt
-    from uta_cli.zeroshot import SIMPLE_TEMPLATES, build_classifier
+    from uta_cli.evaluate.zeroshot import SIMPLE_TEMPLATES, build_classifier
 
     folder = ckpt.latest_checkpoint(str(tmp_path / "cls"))
     meta, start = ckpt.load_meta(folder), ckpt.load_weights(folder)

@@ -45,7 +45,7 @@ def write_shards(folder, n_shards: int, per_shard: int, size: int = 36, seed: in
 
 
 def pretrain(run_dir, sets, resume="auto", **kw):
-    from uta_cli.pretrain import run_pretrain
+    from uta_cli.workflows.pretrain import run_pretrain
 
     recipe = load_recipe("demo", sets)
     return run_pretrain(recipe, output_dir=str(run_dir), resume=resume, **kw)
@@ -75,7 +75,7 @@ def test_tar_validation_ends_and_equals_the_folder_of_the_same_images(tmp_path, 
 def test_validation_pass_shards_by_sample_and_by_shard(tmp_path):
     """Every process reads a disjoint share; together they read every image exactly once, also
     with fewer shards than processes x workers."""
-    from uta_cli.data import EvalTransform, MaskCollator, Source, View, open_dataset
+    from uta_cli.data.pipeline import EvalTransform, MaskCollator, Source, View, open_dataset
 
     write_shards(tmp_path / "tar", 3, 4)
     write_images(tmp_path / "folder", 11)
@@ -99,12 +99,11 @@ def test_metrics_reduce_over_the_union_of_keys():
     same reductions; means count only the micro-steps that reported a metric."""
     from accelerate import Accelerator
 
-    from uta_cli.engine import Engine
-    from uta_cli.run_setup import EngineConfig
+    from uta_cli.train.run_state import reduce_means
 
-    engine = Engine(EngineConfig(), Accelerator(cpu=True), "/nonexistent")
-    means = engine._reduce_means({"loss": torch.tensor(3.0), "cls_cos": torch.tensor(1.0)},
-                                 {"loss": 3, "cls_cos": 2})
+    means = reduce_means(Accelerator(cpu=True),
+                         {"loss": torch.tensor(3.0), "cls_cos": torch.tensor(1.0)},
+                         {"loss": 3, "cls_cos": 2})
     assert means == {"cls_cos": 0.5, "loss": 1.0}
 
 
@@ -145,7 +144,7 @@ def test_resume_refuses_a_changed_recipe_unless_allowed(tmp_path, tiny_clip_dir)
 @pytest.mark.parametrize("kind", ["DEEPSPEED", "MEGATRON_LM"])
 def test_distributed_types_other_than_ddp_are_refused(kind, monkeypatch):
     from uta_cli.errors import UtaUsageError
-    from uta_cli.run_setup import check_distributed_type, make_accelerator
+    from uta_cli.train.setup import check_distributed_type, make_accelerator
 
     monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
     with pytest.raises(UtaUsageError, match=f"configured for {kind}.*DDP"):
@@ -158,7 +157,7 @@ def test_distributed_types_other_than_ddp_are_refused(kind, monkeypatch):
 def test_one_process_runs_jobs_of_different_precision_one_after_another(tmp_path):
     """A notebook runs an fp32 job, then a bf16 one: Accelerate's process-wide state would refuse
     the second precision with a ValueError; each job gets the precision it asks for."""
-    from uta_cli.run_setup import make_accelerator
+    from uta_cli.train.setup import make_accelerator
 
     assert make_accelerator("fp32").mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
@@ -171,9 +170,9 @@ def test_ranks_draw_different_drop_path_masks_from_the_same_weights():
     ones again for the same rank and step (a resumed run), and new ones on the next step."""
     from accelerate.utils import set_seed
 
-    from uta_cli.engine import step_seed
     from uta_cli.models.student import UTAStudent
     from uta_cli.recipe import StudentConfig
+    from uta_cli.train.engine import step_seed
 
     cfg = StudentConfig(family="eva", image_size=32, patch_size=8, width=32, depth=4, heads=2,
                         drop_path=0.5)
@@ -204,8 +203,8 @@ def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_p
     """batches(epoch, skip=k) of a tar-shard source are the batches after the first k of an
     uninterrupted stream, with 2 loader workers, uneven shards (workers run out at different
     times) and k past the point where this rank's shards run out and the stream starts over."""
-    from uta_cli import tar_resume
-    from uta_cli.data import MaskCollator, Source, TrainTransform, View, open_dataset
+    from uta_cli.data import shard_resume as tar_resume
+    from uta_cli.data.pipeline import MaskCollator, Source, TrainTransform, View, open_dataset
 
     write_shards(tmp_path, 5, 3, size=20, uneven=True)  # 3,4,5,3,4 = 19 records
     views = [View("student", 8, (0.5,) * 3, (0.5,) * 3)]
@@ -338,9 +337,9 @@ def test_another_process_count_with_the_same_global_batch_continues_the_epoch():
     """The guard accepts 2 -> 1 processes when batch x processes x accumulation is kept (and
     records the batch change), refuses a changed global batch; an image-folder epoch then goes
     on with exactly the samples the first launch had not reached yet."""
-    from uta_cli.data import MaskCollator, Source
+    from uta_cli.data.pipeline import MaskCollator, Source
     from uta_cli.errors import UtaUsageError
-    from uta_cli.resume_guard import check_resume
+    from uta_cli.train.resume_guard import check_resume
 
     recipe = {"data": {"batch_size": 4, "source": "/data"}, "train": {"grad_accum": 1}}
     two = {"world_size": 2, "batch_size": 4, "grad_accum": 1}
@@ -379,8 +378,8 @@ def test_another_process_count_with_the_same_global_batch_continues_the_epoch():
 def test_tar_records_counted_from_headers_match_the_reader(tmp_path, fmt):
     """Counting from headers (or, for a compressed or damaged shard, with the reader) gives the
     number of samples the reader yields: long names, ustar prefixes, directories, extra fields."""
-    from uta_cli.data import open_dataset
-    from uta_cli.tar_resume import count_tar_records
+    from uta_cli.data.pipeline import open_dataset
+    from uta_cli.data.shard_resume import count_tar_records
 
     formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT}
     path = tmp_path / ("shard.tar.gz" if fmt == "gz" else "shard.tar")
@@ -400,7 +399,7 @@ def test_tar_records_counted_from_headers_match_the_reader(tmp_path, fmt):
     assert count_tar_records(ds, str(path)) == sum(1 for _ in ds._read_shard(str(path)))
     if fmt != "truncated":
         assert count_tar_records(ds, str(path)) == 7
-    from uta_cli.tar_resume import _tar_member_names
+    from uta_cli.data.shard_resume import _tar_member_names
 
     with open(path, "rb") as f:  # plain tars are counted from their headers, the rest read
         assert (_tar_member_names(f) is None) == (fmt in ("truncated", "gz"))

@@ -11,8 +11,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from uta_cli import checkpoint as ckpt
-from uta_cli.pretrain import run_pretrain
 from uta_cli.recipe import load_recipe
+from uta_cli.workflows.pretrain import run_pretrain
 
 
 def pretrain(run_dir, teacher_dir, **sets):
@@ -89,8 +89,8 @@ def test_draft_decode_renders_the_same_crop(tmp_path):
     crop and flip within JPEG noise where it drafts; evaluation never drafts."""
     from PIL import Image
 
-    from uta_cli.data import EvalTransform, TrainTransform, View
-    from uta_cli.datasets import ImageFolderDataset, decode_image, index_image_folder
+    from uta_cli.data.folders import ImageFolderDataset, decode_image, index_image_folder
+    from uta_cli.data.pipeline import EvalTransform, TrainTransform, View
 
     views = [View("student", 224, (0.5,) * 3, (0.5,) * 3),
              View("teacher", 196, (0.5,) * 3, (0.5,) * 3)]

@@ -144,8 +144,8 @@ def test_pretraining_against_the_native_file_equals_the_open_clip_file(eva, tmp_
     from safetensors.torch import load_file
 
     from uta_cli import checkpoint as ckpt
-    from uta_cli.pretrain import run_pretrain
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.pretrain import run_pretrain
 
     write_images(tmp_path / "imgs", 4, size=48)
     results = []

@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from uta_cli import zeroshot as Z
 from uta_cli.app import app
 from uta_cli.errors import UtaUsageError
-from uta_cli.eval_classifier import cached_classifier, classifier_cache_key
+from uta_cli.evaluate import zeroshot as Z
+from uta_cli.evaluate.class_weights import cached_classifier, classifier_cache_key
 from uta_cli.models import release as R
 
 # Names of very different token lengths (1 to 9 word pieces), so sorted batches differ in length.
@@ -211,8 +211,8 @@ def test_zeroshot_reports_caches_and_keys_the_text_context(release_and_images, t
 def test_cached_class_weights_and_export_take_the_text_context(tmp_path):
     """The one cached-classifier function (the fine-tuning zero-shot head's, `uta zeroshot`'s):
     one cache entry per text context, hit on the second call, off without a cache folder."""
-    from uta_cli.export import ExportOptions, check_options
     from uta_cli.models.teacher import TeacherIdentity
+    from uta_cli.workflows.export import ExportOptions, check_options
 
     clip, tokenizer = clip_tower(), open_clip.get_tokenizer("ViT-B-16")
     ident = TeacherIdentity(model="ViT-B-16", weights="", weights_fingerprint="1:ab",
@@ -252,8 +252,8 @@ def test_zeroshot_accuracy_runs_zeroshot_core_in_eval_mode_and_restores_it():
     """eval_classifier.zeroshot_accuracy (tuning validation, the demo's report) is the zero-shot
     core: over the full context it is `encode_text` + evaluate on normalised uint8 batches; the
     CLIP is scored in eval mode and left in the mode it came in."""
-    from uta_cli.data import View, normalize
-    from uta_cli.eval_classifier import zeroshot_accuracy
+    from uta_cli.data.pipeline import View, normalize
+    from uta_cli.evaluate.class_weights import zeroshot_accuracy
 
     clip, tokenizer = clip_tower(), open_clip.get_tokenizer("ViT-B-16")
     view = View("image", 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))

@@ -12,7 +12,7 @@ import os
 import pytest
 from conftest import cli, tiny_overrides
 
-from uta_cli import tracking
+from uta_cli.train import tracking as tracking
 
 
 def pretrain(run_dir, sets):

@@ -184,7 +184,7 @@ def test_pretrain_streams_tar_shards(tmp_path, tiny_clip_dir):
 
 def test_output_dir_that_is_a_file_is_a_usage_error(tmp_path):
     from uta_cli.errors import UtaUsageError
-    from uta_cli.run_setup import run_directory
+    from uta_cli.train.setup import run_directory
 
     (tmp_path / "taken").write_text("not a run")
     with pytest.raises(UtaUsageError, match="is a file. Pass another --output-dir"):

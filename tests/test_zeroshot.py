@@ -22,19 +22,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from uta_cli.app import app
-from uta_cli.data import EvalTransform
-from uta_cli.encoders import build_encoders, resolve_precision, text_encoder
+from uta_cli.data.pipeline import EvalTransform
 from uta_cli.errors import UtaUsageError
-from uta_cli.eval_classifier import cached_classifier, classifier_cache_key
-from uta_cli.eval_datasets import parse_captions, resolve_dataset, resolve_eval_templates
-from uta_cli.eval_shards import (
+from uta_cli.evaluate.class_weights import cached_classifier, classifier_cache_key
+from uta_cli.evaluate.datasets import parse_captions, resolve_dataset, resolve_eval_templates
+from uta_cli.evaluate.encoders import build_encoders, resolve_precision, text_encoder
+from uta_cli.evaluate.per_process import (
     classify_shard,
     merge_classification,
     merge_retrieval,
     retrieval_shard,
     shard_loader,
 )
-from uta_cli.zeroshot import (
+from uta_cli.evaluate.zeroshot import (
     build_classifier,
     evaluate,
     resolve_templates,
@@ -132,7 +132,7 @@ def independent_classification(setup, model_fn, transform, classnames, data) -> 
 
 
 def test_teacher_and_student_match_an_independent_computation_of_the_protocol(setup, tmp_path):
-    from uta_cli.loading import student_from_checkpoint
+    from uta_cli.loading.model import student_from_checkpoint
 
     csv_path = tmp_path / "pc.csv"
     out = zs_json(tmp_path, "--ckpt", setup["run"], "--dataset", setup["data"], "--teacher",
@@ -442,7 +442,7 @@ def test_templates_classnames_and_precision_resolution(setup, tmp_path):
     assert resolve_dataset(setup["data"], classnames_file=str(names)).classnames[5] == "class 5"
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    from uta_cli.encoders import native_bf16
+    from uta_cli.evaluate.encoders import native_bf16
 
     assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
 
@@ -641,7 +641,7 @@ def test_non_square_images_give_open_clips_predictions_image_for_image(setup, tm
     from rich.console import Console
 
     from uta_cli import checkpoint as ckpt
-    from uta_cli.loading import student_from_checkpoint
+    from uta_cli.loading.model import student_from_checkpoint
 
     data = tmp_path / "images"
     write_non_square_images(data, 5)
@@ -731,7 +731,7 @@ def test_classnames_file_in_another_order_is_mapped_by_name(setup, tmp_path):
 
 
 def test_match_classnames_cases():
-    from uta_cli.datasets import match_classnames
+    from uta_cli.data.folders import match_classnames
 
     folders = ["a_b", "c", "d"]
     assert match_classnames(["a b", "c", "d"], folders, "f") == (["a b", "c", "d"], "")
@@ -876,7 +876,7 @@ def test_linear_probe_cli_equals_the_probe_on_open_clip_features(setup, tmp_path
 
     import torchvision
 
-    from uta_cli.linear_probe import ProbeConfig, linear_probe
+    from uta_cli.evaluate.linear_probe import ProbeConfig, linear_probe
 
     clip, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + setup["clip"])
     clip.eval()

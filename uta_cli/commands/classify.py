@@ -61,7 +61,7 @@ def classify(
     """
     quiet_libraries()
     with cli_errors():
-        from uta_cli import inference as inf
+        from uta_cli.evaluate import inference as inf
 
         names = inf.parse_labels(labels, classnames)
         prompts = inf.label_templates(templates)

@@ -35,6 +35,6 @@ def convert(
         if from_ != "uta-release":
             raise UtaUsageError(f"--from {from_!r} is not supported; the only input format is "
                                 f"uta-release (the authors' uta_*.pt files).")
-        from uta_cli.convert import convert_release
+        from uta_cli.workflows.convert import convert_release
 
         convert_release(source, output, force=force, say=typer.echo)

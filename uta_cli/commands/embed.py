@@ -52,8 +52,8 @@ def embed(
     """
     quiet_libraries()
     with cli_errors():
-        from uta_cli import inference as inf
-        from uta_cli.evaluation import default_workers
+        from uta_cli.evaluate import inference as inf
+        from uta_cli.workflows.zeroshot import default_workers
 
         inf.check_embed_output(output, force)
         index = inf.image_index(images or [], folder)

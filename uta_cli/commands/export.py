@@ -132,7 +132,7 @@ def export(
     """
     quiet_libraries()
     with cli_errors("free memory on this machine (it holds the whole model once)"):
-        from uta_cli.export import (
+        from uta_cli.workflows.export import (
             ExportFailed,
             ExportOptions,
             VerificationFailed,
@@ -173,7 +173,7 @@ def _remote_output(opts, format_: str, force: bool):
     if not is_remote(url):
         yield
         return
-    from uta_cli.export_formats import REGISTRY
+    from uta_cli.export.formats import REGISTRY
 
     if REGISTRY[format_].metadata == "folder":
         raise UtaUsageError(f"--format {format_} writes a folder for local use; export it to a "

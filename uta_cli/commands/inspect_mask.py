@@ -75,7 +75,7 @@ def inspect_mask(
     err = Console(stderr=True)
     try:
         report = _run(recipe, strategy, mask_ratio, grid, samples, seed, epoch, set_)
-        from uta_cli.mask_report import render_report, write_csv, write_json, write_png
+        from uta_cli.masks.report import render_report, write_csv, write_json, write_png
 
         out = Console()
         render_report(report, out)
@@ -95,9 +95,9 @@ def inspect_mask(
 
 def _run(recipe: str | None, strategy: str | None, mask_ratio: float | None, grid: str | None,
          samples: int, seed: int | None, epoch: int, overrides: list[str]) -> dict:
-    from uta_cli.inspect_mask import check_samples, inspect_masks
-    from uta_cli.masking import STRATEGIES, MaskSpec
+    from uta_cli.masks.generate import STRATEGIES, MaskSpec
     from uta_cli.recipe import load_recipe
+    from uta_cli.workflows.inspect_mask import check_samples, inspect_masks
 
     # Flags first: their messages name the flag, not the recipe key.
     if strategy is not None and strategy not in _CHOICES:

@@ -27,7 +27,7 @@ def plot(
       uta plot runs/demo runs/demo_mask75 --output compare.png
     """
     with cli_errors():
-        from uta_cli.plot import panels, terminal_figure, write_figure
+        from uta_cli.workflows.plot import panels, terminal_figure, write_figure
 
         plots = panels(list(runs))
         if output:

@@ -41,15 +41,15 @@ def pretrain(
         from uta_cli.recipe import load_recipe
 
         loaded = load_recipe(recipe, set_)  # bad recipes fail here, before torch is imported
-        from uta_cli.pretrain import check_recipe, run_pretrain
+        from uta_cli.workflows.pretrain import check_recipe, run_pretrain
 
         check_recipe(loaded)
         if dry_run:
-            from uta_cli.dryrun import dry_run as show
+            from uta_cli.workflows.dryrun import dry_run as show
 
             show(loaded, output_dir=output_dir, resume=resume)
             return
-        from uta_cli.resume_guard import parse_allow_changes
+        from uta_cli.train.resume_guard import parse_allow_changes
 
         parse_allow_changes(allow_changes)  # unsafe keys fail before any model is built
         run_pretrain(loaded, output_dir=output_dir, resume=resume, allow_changes=allow_changes)

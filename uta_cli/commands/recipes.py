@@ -30,9 +30,9 @@ def recipes(
       uta recipes vitb16 --set data.batch_size=128 > my_b16.yaml && uta pretrain my_b16.yaml
     """
     with cli_errors():
-        from uta_cli.dryrun import catalogue, recipe_yaml
         from uta_cli.errors import UtaUsageError
         from uta_cli.recipe import load_recipe
+        from uta_cli.workflows.dryrun import catalogue, recipe_yaml
 
         if name is None:
             if set_:

@@ -162,7 +162,7 @@ def zeroshot(
                 train_dataset=train_dataset, probe_epochs=probe_epochs, probe_lr=probe_lr,
                 probe_val_proportion=probe_val_proportion, seed=seed))
         if several and finished[0].is_main:
-            from uta_cli.eval_report import render_summary
+            from uta_cli.evaluate.report import render_summary
 
             render_summary(finished, console)
 
@@ -170,14 +170,14 @@ def zeroshot(
 def _one_dataset(console, output_json: str, per_class: str, output: str, workers: int,
                  **options):
     """One dataset: evaluate, print its table, write its files."""
-    from uta_cli.eval_report import (
+    from uta_cli.evaluate.report import (
         dataset_slug,
         render_table,
         write_json,
         write_per_class_csv,
         write_per_model_json,
     )
-    from uta_cli.evaluation import ZeroShotOptions, default_workers, run_zeroshot
+    from uta_cli.workflows.zeroshot import ZeroShotOptions, default_workers, run_zeroshot
 
     opts = ZeroShotOptions(workers=default_workers() if workers < 0 else workers, **options)
     result = run_zeroshot(opts, console)

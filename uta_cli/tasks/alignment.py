@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from uta_cli.checkpoint import TASK_NAMES
-from uta_cli.data import Source, View, normalize
+from uta_cli.data.pipeline import Source, View, normalize
 from uta_cli.losses import gather_targets, masked_token_loss, token_alignment_loss
 from uta_cli.models.student import MASK_TOKEN, UTAStudent
 from uta_cli.models.teacher import CLIPTeacher

@@ -2,9 +2,10 @@
 trained with layer-wise lr decay, label smoothing, RandAugment, mixup/cutmix and a model EMA.
 
 Every random choice stays a pure function of (seed, epoch, sample id) or of the batch's sample
-ids, as in `uta_cli.data`: timm's RandAugment and Mixup draw from Python's and NumPy's global
-generators, so they run inside `keyed_global_rng`, which seeds both from the key and restores
-them afterwards. A resumed run therefore sees the same augmented batches as an uninterrupted one.
+ids, as in `uta_cli.data.pipeline`: timm's RandAugment and Mixup draw from Python's and
+NumPy's global generators, so they run inside `keyed_global_rng`, which seeds both from the key
+and restores them afterwards. A resumed run therefore sees the same augmented batches as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from uta_cli.data import Source, TrainTransform, View, normalize
-from uta_cli.datasets import collate_skip_none
+from uta_cli.data.folders import collate_skip_none
+from uta_cli.data.pipeline import Source, TrainTransform, View, normalize
 from uta_cli.errors import UtaUsageError
-from uta_cli.zeroshot import classification_metrics
+from uta_cli.evaluate.zeroshot import classification_metrics
 
 EMA_FILE = "ema.safetensors"
 

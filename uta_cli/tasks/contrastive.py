@@ -3,7 +3,7 @@
 - The demo teacher (demo_teacher.py): an open_clip CLIP trained from scratch on the demo captions.
 - Contrastive tuning (`uta finetune`, task: contrastive): the UTA student as the image tower of a
   copy of its teacher's CLIP, with the teacher's text tower tuned or locked (docs/method.md §7).
-  `uta_clip` builds that model; `uta_cli.loading.tuned_clip_from_checkpoint` reads its
+  `uta_clip` builds that model; `uta_cli.loading.model.tuned_clip_from_checkpoint` reads its
   checkpoints back.
 
 Features are gathered across processes with gradients (open_clip's ClipLoss), so N processes
@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from uta_cli.data import Source, View, normalize
+from uta_cli.data.pipeline import Source, View, normalize
 from uta_cli.tasks.common import decay_groups
 
 

@@ -1,0 +1,227 @@
+"""Data pipeline: sources (a dataset bound to its transform, mask collator and rank), per-rank
+sampling, masks. Views and transforms live in transforms.py, resuming tar shards mid-epoch in
+tar_resume.py; the names of transforms.py are importable from here too.
+
+Every random choice is a pure function of (seed, epoch, sample id): the crop and flip of an image,
+its mask, and the order of an epoch. So a run resumed at step s sees exactly the batches an
+uninterrupted run would, ranks see disjoint samples, and the number of workers changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import zlib
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from uta_cli.data.folders import (
+    ImageFolderDataset,
+    collate_skip_none,
+    index_image_folder,
+)
+from uta_cli.data.shard_resume import tar_stream
+from uta_cli.data.shards import TarShardDataset
+from uta_cli.data.transforms import (
+    RESIZE_MODES,
+    EvalTransform,
+    TrainTransform,
+    View,
+    eval_resize_crop,
+    normalize,
+)
+from uta_cli.errors import UtaUsageError
+from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices, validate_mask_spec
+
+__all__ = [  # the pipeline's public names, those of transforms.py included
+    "RESIZE_MODES", "ArrayImageDataset", "EvalTransform", "MaskCollator", "Source",
+    "TrainTransform", "View", "detect_format", "epoch_order", "eval_resize_crop", "normalize",
+    "open_dataset",
+]
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as uint8 (N, H, W, 3), e.g. the generated demo data."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform,
+                 captions: list[str] | None = None):
+        self.images, self.labels, self.captions = images, labels, captions
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"sample_id": i, "label": int(self.labels[i]),
+                **self.transform(Image.fromarray(self.images[i]), i)}
+        if self.captions is not None:
+            item["caption"] = self.captions[i]
+        return item
+
+
+class MaskCollator:
+    """Collates (dropping unreadable images) and adds the visible-token indices of each sample.
+
+    `key_view`: key each mask by the pixels of that view instead of the sample id (validation:
+    the same images get the same masks whether they come from a folder or tar shards, in any
+    order and on any number of processes)."""
+
+    def __init__(self, spec: MaskSpec | None, grid: tuple[int, int], seed: int,
+                 key_view: str = ""):
+        self.spec, self.grid, self.seed = spec, tuple(grid), seed
+        self.key_view = key_view
+        self.epoch = 0
+        if spec is not None:
+            validate_mask_spec(spec, self.grid)
+
+    def __call__(self, items: list[dict | None]) -> dict:
+        batch = collate_skip_none(items)
+        if self.spec is not None and self.key_view and self.key_view in batch:
+            ids = np.array([zlib.crc32(img.numpy().tobytes()) for img in batch[self.key_view]],
+                           dtype=np.int64)
+            masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
+            batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
+        elif self.spec is not None and "sample_id" in batch:
+            ids = batch["sample_id"].numpy().astype(np.int64)
+            masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
+            batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
+        return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This rank's share of a seeded permutation; equal length on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    per_rank = n // world
+    return perm[: per_rank * world][rank::world].tolist()
+
+
+def detect_format(source: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if source == "demo":
+        return "demo"
+    s = source.rstrip("/")
+    if s.endswith(".tar") or "{" in s or s.endswith(".tar}"):
+        return "tar"
+    if os.path.isdir(s) and any(f.endswith(".tar") for f in os.listdir(s)) and not any(
+            os.path.isdir(os.path.join(s, f)) for f in os.listdir(s)):
+        return "tar"
+    return "folder"
+
+
+def _seed_of(*parts) -> int:
+    """A 63-bit seed from its parts, stable across processes and Python versions."""
+    return random.Random("/".join(map(str, parts))).getrandbits(63)
+
+
+class _ShardPass(torch.utils.data.IterableDataset):
+    """One pass over some shards of a tar-shard dataset, split among the DataLoader workers."""
+
+    def __init__(self, tar, shards: list[str]):
+        self.tar, self.shards = tar, shards
+
+    def __iter__(self) -> Iterator[dict | None]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for shard, key, fields in self.tar._records(self.shards[worker::workers]):
+            yield self.tar._decode(shard, key, fields)
+
+
+class Source:
+    """A training or evaluation source bound to its transform, mask collator and rank."""
+
+    def __init__(self, dataset, transform, collator: MaskCollator, batch_size: int,
+                 num_workers: int, seed: int, rank: int, world: int, samples_per_epoch: int = 0,
+                 shuffle: bool = True, drop_last: bool = True, evaluation: bool = False,
+                 limit: int = 0):
+        self.dataset, self.transform, self.collator = dataset, transform, collator
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.drop_last = drop_last  # training: equal batches; evaluation: every image
+        self.limit = limit  # evaluation on tar shards: at most this many images (0 = all)
+        self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        self.samples_per_epoch = samples_per_epoch if self.iterable else len(dataset)
+        if self.iterable and not evaluation:
+            dataset.check_split(num_workers)  # fail now, not inside a worker process
+
+    def steps_per_epoch(self, world: int, global_micro_batch: int) -> int:
+        if self.iterable and self.samples_per_epoch <= 0:
+            raise UtaUsageError("Tar shards have no length: set data.samples_per_epoch to the "
+                                "number of images in one pass (or use schedule.steps).")
+        return self.samples_per_epoch // world // global_micro_batch
+
+    def _loader_kwargs(self, epoch: int) -> dict:
+        # An explicit generator: creating the loader draws nothing from the global RNG, so
+        # dropout and drop path do not depend on when (or whether, after a resume) it was made.
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                    collate_fn=self.collator, pin_memory=torch.cuda.is_available(),
+                    drop_last=self.drop_last, persistent_workers=False,
+                    generator=torch.Generator().manual_seed(
+                        _seed_of("loader", self.seed, epoch, self.rank)))
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterable[dict]:
+        """Batches of one epoch for this rank, starting after `skip` batches."""
+        self.transform.set_epoch(epoch)
+        self.collator.epoch = epoch
+        common = self._loader_kwargs(epoch)
+        if self.iterable:
+            return tar_stream(self.dataset, epoch, skip, self.batch_size, self.num_workers,
+                              common)
+        if self.shuffle:
+            order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world)
+        else:
+            order = list(range(self.rank, len(self.dataset) - len(self.dataset) % self.world,
+                               self.world))
+        return DataLoader(self.dataset, sampler=order[skip * self.batch_size:], **common)
+
+    def one_pass(self) -> Iterator[dict]:
+        """Evaluation: this rank's share of the data, each sample once, in a fixed order.
+
+        Folders and in-memory data: samples rank, rank + world, ...; tar shards: shards rank,
+        rank + world, ..., read by min(num_workers, those shards) workers, so fewer shards than
+        processes x workers is fine (a process without a shard reads nothing). With `limit`,
+        each process reads at most its share, ceil(limit / world), of a tar-shard source.
+        """
+        self.transform.set_epoch(0)
+        self.collator.epoch = 0
+        kwargs = {**self._loader_kwargs(0), "drop_last": False}
+        if not self.iterable:
+            yield from DataLoader(self.dataset, sampler=range(self.rank, len(self.dataset),
+                                                              self.world), **kwargs)
+            return
+        mine = self.dataset.shards[self.rank::self.world]
+        if not mine:
+            return
+        kwargs["num_workers"] = min(self.num_workers, len(mine))
+        left = math.ceil(self.limit / self.world) if self.limit > 0 else None
+        for batch in DataLoader(_ShardPass(self.dataset, mine), **kwargs):
+            if left is not None:
+                if left <= 0:
+                    return
+                n = len(batch.get("sample_id", ()))
+                if n > left:
+                    batch = {k: (v[:left] if isinstance(v, (torch.Tensor, list)) else v)
+                             for k, v in batch.items()}
+                left -= n
+            yield batch
+
+
+def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1,
+                 seed: int = 0):
+    """An image folder (class folders or flat) or tar shards; labels are kept when present."""
+    kind = detect_format(source, fmt)
+    if kind == "demo":
+        raise UtaUsageError("The demo source is built by uta_cli.data.demo, not opened from a "
+                            "path.")
+    if kind == "tar":
+        return TarShardDataset(source, transform, rank=rank, world_size=world, seed=seed)
+    if not source:
+        raise UtaUsageError("data.source is empty. Point it at an image folder, an fsspec URL or "
+                            "tar shards, e.g. --set data.source=/data/imagenet/train")
+    return ImageFolderDataset(index_image_folder(source), transform)
