@@ -360,6 +360,11 @@ def best_metric_for(recipe: Recipe) -> str:
 
 def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                  console: Console | None = None, allow_changes: Sequence[str] = ()) -> dict:
+    """Fine-tune by `recipe` (uta finetune): classification (task: classify) or image-text
+    contrastive tuning (task: contrastive) from the checkpoint its `init` names, into a run
+    directory (output_dir, else train.output_dir/name). resume and allow_changes as in
+    pretrain. Returns the run's summary (run_dir, step, checkpoint, val, ...).
+    """
     console = console or Console()
     check_recipe(recipe)
     start = resolve_init(recipe.init)

@@ -81,6 +81,13 @@ def check_recipe(recipe: Recipe) -> None:
 
 def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
                  console: Console | None = None, allow_changes: Sequence[str] = ()) -> dict:
+    """Pre-train a student by `recipe` (uta pretrain): teacher, student and data from the
+    recipe, trained by the engine into a run directory (output_dir, else train.output_dir/name).
+
+    resume: "auto" (this run directory's newest checkpoint, if any), "never", or a checkpoint.
+    allow_changes: recipe keys that may differ from the checkpoint's on resume. Returns a
+    summary: run_dir, step, checkpoint, val (the last validation) and, on the demo, zeroshot.
+    """
     console = console or Console()
     check_recipe(recipe)
     acc = make_accelerator(recipe.train.precision)
