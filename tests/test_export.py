@@ -263,7 +263,7 @@ def test_missing_onnx_dependency_names_the_extra(eva_ckpt, tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now raises ImportError
     result = _invoke(["--ckpt", eva_ckpt, "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2, result.output
-    assert 'pip install "uta[onnx]"' in result.output and "onnxruntime" in result.output
+    assert 'pip install "uta-cli[onnx]"' in result.output and "onnxruntime" in result.output
     assert os.listdir(tmp_path) == []
 
 

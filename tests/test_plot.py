@@ -78,7 +78,7 @@ def test_terminal_drawing_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(plot.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     no_extra = cli("plot", tmp_path / "r1", "--output", tmp_path / "x.png")
-    assert no_extra.exit_code == 2 and "uta[plot]" in no_extra.output
+    assert no_extra.exit_code == 2 and "uta-cli[plot]" in no_extra.output
 
 
 @pytest.mark.parametrize("name", ["fig.svg"])

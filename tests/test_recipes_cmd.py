@@ -81,7 +81,7 @@ def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir, mon
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)
     no_extra = cli("pretrain", "demo", "--dry-run", *sets(base + ["train.report_to=[aim]"]))
-    assert no_extra.exit_code == 2 and "uta[aim]" in no_extra.output
+    assert no_extra.exit_code == 2 and "uta-cli[aim]" in no_extra.output
     monkeypatch.undo()
     # after a run, the dry run says where it would resume
     assert cli("pretrain", "demo", "--output-dir", run_dir,

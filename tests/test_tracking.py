@@ -84,7 +84,7 @@ def test_a_tracker_that_is_not_installed_is_exit_2_naming_the_extra(tmp_path, ti
     result = pretrain(tmp_path, tiny_overrides(tiny_clip_dir, steps=2, **{
         "train.report_to": "[tensorboard, wandb]"}))
     assert result.exit_code == 2, result.output
-    assert "uta[wandb]" in result.output and "Traceback" not in result.output
+    assert "uta-cli[wandb]" in result.output and "Traceback" not in result.output
     bad = pretrain(tmp_path / "b", tiny_overrides(tiny_clip_dir, steps=2, **{
         "train.report_to": "[tensorbord]"}))
     assert bad.exit_code == 2 and "tensorboard" in bad.output

@@ -178,7 +178,8 @@ def load_meta(ckpt: str) -> dict:
     schema = meta.get("meta_schema", 1)
     if not isinstance(schema, int) or not 1 <= schema <= META_SCHEMA:
         raise UtaUsageError(f"{path} has meta_schema {schema!r}, newer than this uta reads "
-                            f"(up to {META_SCHEMA}). Upgrade uta (pip install -U uta) to load it.")
+                            f"(up to {META_SCHEMA}). Upgrade uta (pip install -U uta-cli) to "
+                            f"load it.")
     return {**META_DEFAULTS, **meta, "meta_schema": schema}
 
 

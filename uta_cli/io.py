@@ -82,11 +82,11 @@ def url_to_fs(url: str, writing: bool = False) -> tuple[fsspec.AbstractFileSyste
     except (ImportError, ValueError) as e:
         if writing:
             message = (f"Cannot write to {url}: {e}. Object stores need their fsspec package "
-                       f"(pip install 'uta[s3]' or 'uta[gcs]').")
+                       f"(pip install 'uta-cli[s3]' or 'uta-cli[gcs]').")
         elif isinstance(e, ImportError):
             message = (f"Reading {url!r} needs an fsspec backend that is not installed ({e}). "
-                       "Install it, for example `pip install 'uta[s3]'` for s3:// or "
-                       "`pip install 'uta[gcs]'` for gs://.")
+                       "Install it, for example `pip install 'uta-cli[s3]'` for s3:// or "
+                       "`pip install 'uta-cli[gcs]'` for gs://.")
         else:
             message = (f"Cannot read {url!r}: {e}. Use a local path or an fsspec URL such as "
                        "s3://bucket/prefix, gs://bucket/prefix or memory://path.")

@@ -111,7 +111,7 @@ class TrainConfig:
     val_every: int = 0  # steps; 0 = only at the end
     output_dir: str = ""  # default: runs/<recipe name>
     # Experiment trackers besides metrics.jsonl (always written): tensorboard, wandb, mlflow,
-    # aim; each an optional extra (pip install 'uta[tensorboard]'). [] or [none] = none.
+    # aim; each an optional extra (pip install 'uta-cli[tensorboard]'). [] or [none] = none.
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "aim", "none"]] = field(
         default_factory=list)
     # Activation checkpointing: recompute each transformer block in the backward pass instead

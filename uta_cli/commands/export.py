@@ -151,7 +151,7 @@ def export(
             with _remote_output(opts, format_, force):
                 export_checkpoint(opts, say=typer.echo)
         except UtaUsageError as e:
-            # As cli_errors, but escaped: the message names the extra "uta[onnx]", which rich
+            # As cli_errors, but escaped: the message names the extra "uta-cli[onnx]", which rich
             # would otherwise swallow as a markup tag.
             err_console.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None

@@ -18,7 +18,7 @@ def plot(
     """Training and validation loss against step (the paper's Figure 4), accuracy where logged
     (validation, zero-shot), gradient norm and learning rate, from metrics.jsonl.
 
-    Needs the plot extra: pip install 'uta[plot]'.
+    Needs the plot extra: pip install 'uta-cli[plot]'.
 
     Examples:
 

@@ -66,7 +66,7 @@ KINDS = ("embedding", "tokens", "classifier")
 OUTPUT_NAMES = {"embedding": "embedding", "tokens": "tokens", "classifier": "logits"}
 INPUT_NAME = "images"
 LOGIT_SCALE = 100.0  # as uta_cli.evaluate.zeroshot.evaluate and CLIP's zero-shot protocol
-ONNX_INSTALL_HINT = 'pip install "uta[onnx]"'
+ONNX_INSTALL_HINT = 'pip install "uta-cli[onnx]"'
 # protobuf cannot serialise a single ModelProto over 2 GiB; external data would need a second file
 # whose name is baked into the graph, which defeats the temp-and-rename write.
 ONNX_MAX_BYTES = 2 * 1024**3 - 64 * 1024**2

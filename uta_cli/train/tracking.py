@@ -40,7 +40,7 @@ def check_installed(names: list[str]) -> None:
     if missing:
         extras = ",".join(missing)
         raise UtaUsageError(f"train.report_to names {', '.join(missing)}, which is not "
-                            f"installed. Install the extra: pip install 'uta[{extras}]', or "
+                            f"installed. Install the extra: pip install 'uta-cli[{extras}]', or "
                             f"remove it (--set train.report_to=[]).")
 
 

@@ -102,7 +102,7 @@ def panels(runs: list[str], names: list[str] | None = None) -> list[Panel]:
 
 def _need(module: str) -> None:
     if importlib.util.find_spec(module) is None:
-        raise UtaUsageError(f"uta plot needs {module}: pip install 'uta[plot]'.")
+        raise UtaUsageError(f"uta plot needs {module}: pip install 'uta-cli[plot]'.")
 
 
 def write_figure(plots: list[Panel], output: str, title: str = "", dpi: int = 120) -> str:
