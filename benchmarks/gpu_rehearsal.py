@@ -4,12 +4,16 @@
 Reports images/s, peak GPU memory, and the split of a step into data wait, teacher forward,
 student forward+backward and optimizer step (each phase ends with a CUDA synchronise so that it
 can be timed, which costs a little throughput against `uta pretrain`). Images are generated JPEGs
-read through the same loader, transforms and mask collator as `uta pretrain`. With more than one
+read through the same loader, transforms and mask collator as `uta pretrain`, decoded on the GPU
+by default (`--decode gpu`, as `data.decode: gpu`: the workers read bytes, `decode_jpeg` and the
+crops run on the device; `--decode cpu` for PIL in the workers); the data wait is reported as
+the engine's `data_wait_frac` (the largest over processes). With more than one
 GPU it runs twice: on one GPU, then on all of them through `accelerate launch` (data parallel,
 the batch is per GPU).
 
     python benchmarks/gpu_rehearsal.py                     # 50 steps, batch 64 per GPU
     python benchmarks/gpu_rehearsal.py --steps 50 --batch 128 --output rehearsal.json
+    python benchmarks/gpu_rehearsal.py --decode cpu --workers 16   # PIL in 16 workers per GPU
 
 On a machine without CUDA it refuses (exit 2): the figures would mean nothing. `--allow-cpu`
 runs the same code on CPU with whatever sizes are given, to check the script itself.
@@ -42,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", default="EVA02-L-14", help="open_clip model, random weights")
     p.add_argument("--student-depth", type=int, default=0, help="0: the recipe's (12)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--decode", default="gpu", choices=["gpu", "cpu"],
+                   help="data.decode: gpu (workers read bytes, decode_jpeg + crops on the "
+                        "device; with --allow-cpu the same tensor path on the CPU) or cpu (PIL "
+                        "in the workers)")
     p.add_argument("--output", default="", help="also write the results as JSON here")
     p.add_argument("--allow-cpu", action="store_true", help="run on CPU (checks the script)")
     p.add_argument("--single", action="store_true",
@@ -67,6 +75,7 @@ def measure(args: argparse.Namespace) -> dict | None:
     """One measurement on this process group; the main process returns the results."""
     import open_clip
 
+    from uta_cli.data.decode import DeviceDecoder
     from uta_cli.data.pipeline import (
         MaskCollator,
         Source,
@@ -117,6 +126,9 @@ def measure(args: argparse.Namespace) -> dict | None:
     source = Source(dataset, transform, MaskCollator(spec, student.grid_size, recipe.seed),
                     args.batch, args.workers, recipe.seed, acc.process_index,
                     acc.num_processes)
+    if args.decode == "gpu":  # as uta pretrain does with data.decode gpu
+        transform.defer_jpeg = True
+        source.device_decode = DeviceDecoder(views, device)
     o = recipe.optim
     optimizer = torch.optim.AdamW(decay_groups(student, o.weight_decay), lr=o.lr,
                                   betas=tuple(o.betas), eps=o.eps)
@@ -186,6 +198,9 @@ def measure(args: argparse.Namespace) -> dict | None:
         "student": f"eva {recipe.student.width}x{recipe.student.depth} "
                    f"p{recipe.student.patch_size} @ {recipe.student.image_size}px",
         "batch_per_gpu": args.batch, "steps": args.steps, "warmup_steps": args.warmup,
+        "decode": args.decode, "workers_per_gpu": args.workers,
+        # the engine's data_wait_frac: the largest over processes of wait / step time
+        "data_wait_frac": round(float((gathered[:, 1] / gathered[:, 0]).max()), 4),
         "step_s": round(step_s, 4),
         "images_per_s": round(args.batch * acc.num_processes / step_s, 1),
         "phase_s": {k: round(v, 4) for k, v in phase.items()},
@@ -199,10 +214,13 @@ def measure(args: argparse.Namespace) -> dict | None:
 def show(result: dict) -> None:
     r = result
     print(f"\n{r['gpus']} x {r['device']}  {r['precision']}  student {r['student']}  teacher "
-          f"{r['teacher']} at {r['teacher_input_px']} px  batch {r['batch_per_gpu']}/GPU")
+          f"{r['teacher']} at {r['teacher_input_px']} px  batch {r['batch_per_gpu']}/GPU  "
+          f"decode {r['decode']}, {r['workers_per_gpu']} workers/GPU")
     print(f"  {r['images_per_s']} images/s  ({r['step_s']} s/step over {r['steps']} steps)  "
           f"peak memory {r['peak_memory_allocated_gib']} GiB allocated, "
           f"{r['peak_memory_reserved_gib']} GiB reserved")
+    print(f"  data wait {100 * r['data_wait_frac']:.1f}% of the step (largest over processes; "
+          f"above 10% the GPU waits for data)")
     print("  step split: " + ", ".join(f"{k} {r['phase_s'][k]:.4f} s "
                                         f"({100 * r['phase_share'][k]:.0f}%)" for k in PHASES))
 
@@ -230,7 +248,8 @@ def main(argv=None) -> int:
         print(f"{args.images} images generated in {time.perf_counter() - t:.1f} s", flush=True)
         base = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
                 str(args.batch), "--workers", str(args.workers), "--teacher", args.teacher,
-                "--student-depth", str(args.student_depth), "--precision", args.precision]
+                "--student-depth", str(args.student_depth), "--precision", args.precision,
+                "--decode", args.decode]
         base += ["--allow-cpu"] if args.allow_cpu else []
         results = []
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

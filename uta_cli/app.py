@@ -16,6 +16,7 @@ from uta_cli.commands import (
     pretrain,
     recipes,
     repoint,
+    shards,
     zeroshot,
 )
 from uta_cli.commands._common import UtaTyper
@@ -55,6 +56,7 @@ app.command("classify")(classify.classify)
 app.command("repoint")(repoint.repoint)
 app.command("recipes")(recipes.recipes)
 app.command("plot")(plot.plot)
+app.command("shards")(shards.shards)
 
 
 def main() -> None:

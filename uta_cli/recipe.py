@@ -30,6 +30,10 @@ class DataConfig:
     format: Literal["auto", "folder", "tar"] = "auto"
     batch_size: int = 64  # per process and per micro-step
     num_workers: int = 4
+    # Where training JPEGs are decoded: "cpu" in the loader workers (PIL); "gpu" in the training
+    # process on the device (torchvision decode_jpeg, nvJPEG), the workers only reading bytes;
+    # "auto": gpu on CUDA for JPEG sources. Pre-training only; validation always decodes on CPU.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
     # Student normalisation; the teacher always gets its own (docs/method.md §2).

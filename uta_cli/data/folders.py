@@ -253,6 +253,13 @@ def draft_hook(transform: Any, sample_id: int) -> Callable[[Image.Image], None] 
     return None if draft is None else functools.partial(draft, sample_id=sample_id)
 
 
+def encoded_hook(transform: Any, data: bytes, sample_id: int) -> dict | None:
+    """The transform's encoded form of this sample (a JPEG left for the device to decode, with
+    its crop drawn), or None: decode it here."""
+    encoded = getattr(transform, "encoded", None)
+    return None if encoded is None else encoded(data, sample_id)
+
+
 class WarnOnce:
     """Warn about the first bad item in each process only (each DataLoader worker is one)."""
 
@@ -303,6 +310,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             fs = self._filesystem()
             data = fs.cat_file(fs._strip_protocol(url))
+            encoded = encoded_hook(self.transform, data, i)
+            if encoded is not None:
+                return {"sample_id": i, "label": self.index.labels[i], **encoded}
             image = decode_image(data, draft_hook(self.transform, i))
         except (OSError, ValueError) as e:
             self._warn("Skipping unreadable image %s: %s", url, e)
@@ -323,6 +333,13 @@ def collate_skip_none(batch: list[dict[str, Any] | None]) -> dict[str, Any]:
     skipped = len(batch) - len(kept)
     if not kept:
         return {"num_skipped": skipped}
+    decode = None
+    if any("jpeg" in b for b in kept):  # data.decode gpu: some samples are still encoded
+        common = set.intersection(*(set(b) for b in kept)) - {"jpeg", "box", "flip"}
+        decode = [{k: v for k, v in b.items() if k not in common} for b in kept]
+        kept = [{k: v for k, v in b.items() if k in common} for b in kept]
     out = torch.utils.data.default_collate(kept)
+    if decode is not None:
+        out["decode"] = decode  # per sample: jpeg bytes, box, flip; or its decoded views
     out["num_skipped"] = skipped
     return out

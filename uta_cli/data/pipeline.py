@@ -26,6 +26,7 @@ from uta_cli.data.folders import (
     index_image_folder,
 )
 from uta_cli.data.shard_resume import tar_stream
+from uta_cli.data.shard_writer import manifest_samples
 from uta_cli.data.shards import TarShardDataset
 from uta_cli.data.transforms import (
     RESIZE_MODES,
@@ -146,6 +147,8 @@ class Source:
         self.drop_last = drop_last  # training: equal batches; evaluation: every image
         self.limit = limit  # evaluation on tar shards: at most this many images (0 = all)
         self.iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        # data.decode gpu: a decode.DeviceDecoder turning each batch's JPEG bytes into views
+        self.device_decode = None
         self.samples_per_epoch = samples_per_epoch if self.iterable else len(dataset)
         if self.iterable and not evaluation:
             dataset.check_split(num_workers)  # fail now, not inside a worker process
@@ -171,14 +174,18 @@ class Source:
         self.collator.epoch = epoch
         common = self._loader_kwargs(epoch)
         if self.iterable:
-            return tar_stream(self.dataset, epoch, skip, self.batch_size, self.num_workers,
-                              common)
-        if self.shuffle:
-            order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world)
+            batches = tar_stream(self.dataset, epoch, skip, self.batch_size, self.num_workers,
+                                 common)
         else:
-            order = list(range(self.rank, len(self.dataset) - len(self.dataset) % self.world,
-                               self.world))
-        return DataLoader(self.dataset, sampler=order[skip * self.batch_size:], **common)
+            if self.shuffle:
+                order = epoch_order(len(self.dataset), self.seed, epoch, self.rank, self.world)
+            else:
+                order = list(range(self.rank, len(self.dataset) - len(self.dataset) % self.world,
+                                   self.world))
+            batches = DataLoader(self.dataset, sampler=order[skip * self.batch_size:], **common)
+        if self.device_decode is not None:  # in this process, when the engine asks
+            return map(self.device_decode, batches)
+        return batches
 
     def one_pass(self) -> Iterator[dict]:
         """Evaluation: this rank's share of the data, each sample once, in a fixed order.
@@ -210,6 +217,12 @@ class Source:
                              for k, v in batch.items()}
                 left -= n
             yield batch
+
+
+def epoch_samples(source: str, configured: int) -> int:
+    """data.samples_per_epoch, or where it is 0 and the source is a split written by
+    `uta shards` (OUT/<split>), the sample count in its manifest."""
+    return configured or manifest_samples(source)
 
 
 def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1,

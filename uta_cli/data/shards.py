@@ -19,7 +19,14 @@ from typing import Any
 import torch
 import torch.utils.data
 
-from uta_cli.data.folders import TAR_SUFFIXES, Transform, WarnOnce, decode_image, draft_hook
+from uta_cli.data.folders import (
+    TAR_SUFFIXES,
+    Transform,
+    WarnOnce,
+    decode_image,
+    draft_hook,
+    encoded_hook,
+)
 from uta_cli.errors import UtaUsageError
 from uta_cli.io import is_local, url_of, url_to_fs
 
@@ -296,11 +303,6 @@ class TarShardDataset(torch.utils.data.IterableDataset):
                 "/".join(TAR_IMAGE_FIELDS),
             )
             return None
-        try:
-            image = decode_image(fields[image_field], draft_hook(self.transform, sample_id))
-        except ValueError as e:
-            self._warn("Skipping corrupt image %r in %s: %s", key, shard, e)
-            return None
         label = -1
         if "cls" in fields:
             try:
@@ -309,6 +311,14 @@ class TarShardDataset(torch.utils.data.IterableDataset):
                 self._warn("Skipping sample %r in %s: .cls is not an integer", key, shard)
                 return None
         caption = fields["txt"].decode("utf-8", errors="replace").strip() if "txt" in fields else ""
+        encoded = encoded_hook(self.transform, fields[image_field], sample_id)
+        if encoded is not None:
+            return {"sample_id": sample_id, "label": label, "caption": caption, **encoded}
+        try:
+            image = decode_image(fields[image_field], draft_hook(self.transform, sample_id))
+        except ValueError as e:
+            self._warn("Skipping corrupt image %r in %s: %s", key, shard, e)
+            return None
         return {
             "sample_id": sample_id,
             "label": label,

@@ -8,6 +8,7 @@ random-resized crop and flip per image as a pure function of (seed, epoch, sampl
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -147,6 +148,8 @@ class TrainTransform:
                  seed: int):
         self.views, self.crop_scale, self.hflip, self.seed = views, tuple(crop_scale), hflip, seed
         self.epoch = 0
+        # data.decode gpu: JPEGs leave the loader worker encoded (see `encoded`, decode.py)
+        self.defer_jpeg = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -170,6 +173,22 @@ class TrainTransform:
             drafted = img.draft("RGB", (img.width // scale, img.height // scale))
             if drafted is not None and img.size != full:  # (mode, (0, 0, W / s, H / s))
                 img.info[_DRAFT_KEY] = (full, round(full[0] / drafted[1][2]))
+
+    def encoded(self, data: bytes, sample_id: int) -> dict[str, torch.Tensor] | None:
+        """With `defer_jpeg`: an RGB or grey JPEG as its bytes plus this sample's crop box and
+        flip, drawn at the full size from the header alone, to be decoded and rendered on the
+        device (decode.DeviceDecoder). None for anything else: it is decoded here."""
+        if not self.defer_jpeg:
+            return None
+        try:
+            img = Image.open(io.BytesIO(data))  # the header only
+        except Exception:  # not an image: the decode path skips and counts it
+            return None
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        box, flip = self._draw(img.width, img.height, sample_id)
+        return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                "box": torch.tensor(box), "flip": torch.tensor(flip)}
 
     def __call__(self, img: Image.Image, sample_id: int) -> dict[str, torch.Tensor]:
         (width, height), scale = img.info.get(_DRAFT_KEY, (img.size, 1))

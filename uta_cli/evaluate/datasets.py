@@ -24,6 +24,7 @@ from uta_cli.data.pipeline import (
     ArrayImageDataset,
     detect_format,
 )
+from uta_cli.data.shard_writer import manifest_classnames
 from uta_cli.data.shards import expand_shard_urls
 from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.zeroshot import (
@@ -310,6 +311,9 @@ def resolve_dataset(dataset: str, data_dir: str = "", classnames_file: str = "",
             return _clip_benchmark_wds(dataset, fs, path, split, classnames_file)
     if _is_tar_spec(dataset):
         shards = expand_shard_urls(dataset)
+        names = manifest_classnames(dataset)  # a split written by uta shards: OUT/<split>
+        if names and not classnames_file:
+            return EvalSet(dataset, "tar", dataset, names, "manifest", "openai", shards=shards)
         if not classnames_file:
             raise UtaUsageError(
                 "Tar shards carry integer labels (.cls) but no class names. Pass --classnames "

@@ -24,8 +24,10 @@ from uta_cli.data.pipeline import (
     MaskCollator,
     Source,
     detect_format,
+    epoch_samples,
     open_dataset,
 )
+from uta_cli.data.shard_writer import manifest_classnames
 from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.zeroshot import read_text_lines, resolve_templates
 from uta_cli.io import is_local, url_to_fs
@@ -147,7 +149,7 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
         found = None
     else:
         train = open_dataset(source, kind, train_tf, rank, world, recipe.seed)
-        found = None
+        found = manifest_classnames(source) if kind == "tar" else None  # uta shards' output
         if isinstance(train, ImageFolderDataset):
             if not train.index.classes:
                 raise UtaUsageError(f"{source} has no class sub-folders; classification needs "
@@ -190,4 +192,5 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
 def train_source(recipe: Recipe, data: DataSpec, transform, rank: int, world: int) -> Source:
     return Source(data.train, transform, MaskCollator(None, (1, 1), recipe.seed),
                   recipe.data.batch_size, recipe.data.num_workers, recipe.seed, rank, world,
-                  samples_per_epoch=recipe.data.samples_per_epoch)
+                  samples_per_epoch=epoch_samples(recipe.data.source,
+                                                  recipe.data.samples_per_epoch))

@@ -76,6 +76,10 @@ def check_recipe(recipe: Recipe) -> None:
                             f"training data, e.g. --set data.source=/data/imagenet/train.")
     if r.data.batch_size < 1 or r.train.grad_accum < 1:
         raise UtaUsageError("data.batch_size and train.grad_accum must be at least 1.")
+    if r.data.decode == "gpu":
+        raise UtaUsageError("data.decode=gpu serves pre-training (uta pretrain); fine-tuning's "
+                            "augmentations run on decoded images in the loader workers. Use "
+                            "data.decode=auto or cpu here.")
     if r.train.compile is True:
         raise UtaUsageError("train.compile compiles UTA pre-training (`uta pretrain`); "
                             "`uta finetune` runs eager. Drop --set train.compile=true.")

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch.utils.data import Subset
 
+from uta_cli.data.decode import DeviceDecoder, check_decode, resolve_decode
 from uta_cli.data.demo import CLASSNAMES, demo_splits
 from uta_cli.data.pipeline import (
     ArrayImageDataset,
@@ -24,6 +25,7 @@ from uta_cli.data.pipeline import (
     TrainTransform,
     View,
     detect_format,
+    epoch_samples,
     open_dataset,
 )
 from uta_cli.errors import UtaUsageError
@@ -77,6 +79,7 @@ def check_recipe(recipe: Recipe) -> None:
         raise UtaUsageError("student.image_size must be a multiple of student.patch_size.")
     grid = recipe.student.image_size // recipe.student.patch_size
     validate_mask_spec(MaskSpec(**dataclasses.asdict(recipe.mask)), (grid, grid))
+    check_decode(recipe.data.decode)
 
 
 def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
@@ -141,7 +144,12 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
     collator = MaskCollator(spec, student.grid_size, recipe.seed)
     source = Source(train_set, train_tf, collator, recipe.data.batch_size,
                     recipe.data.num_workers, recipe.seed, rank, world,
-                    samples_per_epoch=recipe.data.samples_per_epoch)
+                    samples_per_epoch=epoch_samples(recipe.data.source,
+                                                     recipe.data.samples_per_epoch))
+    if demo_val is None and resolve_decode(recipe.data.decode, train_set, acc.device) == "gpu":
+        train_tf.defer_jpeg = True  # the workers read bytes; this process decodes on the device
+        source.device_decode = DeviceDecoder(views, acc.device)
+        say("[dim]decode: JPEGs on the device (data.decode); other images in the workers[/dim]")
     val_source = None
     if val_set is not None:
         val_collator = MaskCollator(spec, student.grid_size, recipe.seed + 1, key_view="student")
