@@ -41,7 +41,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from uta_cli import checkpoint as ckpt
 from uta_cli.loading.model import teacher_from_meta
-from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices
+from uta_cli.masks.generate import (
+    MaskSpec,
+    attention_keep,
+    attention_noise,
+    generate_masks,
+    keep_indices,
+    num_visible,
+)
 from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import load_recipe
 from uta_cli.tasks.alignment import OBJECTIVES, objective_loss
@@ -61,36 +68,62 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def flops_per_step(meta: dict, recipe) -> dict:
-    """Counted FLOPs of one optimizer step of this objective, on inputs of the run's shapes."""
+def flops_per_step(meta: dict, recipe, unmasked: bool = False) -> dict:
+    """Counted FLOPs of one optimizer step of this objective and variant (attention masks drawn
+    from the teacher's forward, several teacher blocks, target norm), on inputs of the run's
+    shapes. unmasked: a step of the unmasked finish (every token enters the student)."""
     objective = meta["objective"]
     teacher = teacher_from_meta(meta)
-    student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=objective == "mim")
+    layers = tuple(teacher.resolve_layers((meta.get("align") or {}).get("teacher_layers", [-1])))
+    student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=objective == "mim",
+                         extra_heads=len(layers) - 1)
     teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     batch = recipe.data.batch_size
-    masks = generate_masks(MaskSpec(**meta["mask"]), student.grid_size, 0, 0, np.arange(batch))
-    keep = torch.from_numpy(keep_indices(masks))
+    spec = MaskSpec(**meta["mask"])
+    attention = spec.strategy == "attention" and objective != "fd" and not unmasked
     s = recipe.student.image_size
     student_in = torch.randn(batch, 3, s, s)
     teacher_in = torch.randn(batch, 3, teacher.image_size, teacher.image_size)
     with FlopCounterMode(display=False) as teacher_count, torch.no_grad():
-        tokens = teacher.tokens(teacher_in)
+        tokens, attn = teacher.targets(teacher_in, layers, cls_attention=attention)
+    targets = tokens[0] if len(layers) == 1 else tokens
+    if attention:
+        noise = torch.from_numpy(attention_noise(0, 0, np.arange(batch), student.num_patches))
+        keep = attention_keep(attn, noise, num_visible(student.num_patches, spec.ratio))
+    else:  # the FLOPs depend on the number of kept tokens only, not on which
+        masks = generate_masks(MaskSpec(strategy="random", ratio=spec.ratio), student.grid_size,
+                               0, 0, np.arange(batch))
+        keep = torch.from_numpy(keep_indices(masks))
     with FlopCounterMode(display=False) as student_count:
-        objective_loss(objective, student, student_in, tokens, keep,
+        objective_loss(objective, student, student_in, targets, None if unmasked else keep,
                        student.num_patches)["loss"].backward()
     accum = recipe.train.grad_accum
     return {"student": student_count.get_total_flops() * accum,
             "teacher": teacher_count.get_total_flops() * accum}
 
 
-def zeroshot_top1(folder: str, dataset: str) -> float:
-    opts = ZeroShotOptions(ckpt=folder, dataset=dataset, workers=0, precision="fp32",
-                           cache_dir="none")
+def run_flops(meta: dict, recipe, steps: int) -> dict:
+    """Training FLOPs of a run of `steps` steps, its unmasked finish counted at its own cost."""
+    masked = flops_per_step(meta, recipe)
+    n_unmasked = min(steps, int(meta.get("unmasked_steps") or 0))
+    full = flops_per_step(meta, recipe, unmasked=True) if n_unmasked else masked
+    total = sum(masked.values()) * (steps - n_unmasked) + sum(full.values()) * n_unmasked
+    return {"train_flops": total, "student_flops_per_step": masked["student"],
+            "teacher_flops_per_step": masked["teacher"],
+            "unmasked_student_flops_per_step": full["student"] if n_unmasked else None}
+
+
+def zeroshot_top1(folder: str, args) -> float:
+    opts = ZeroShotOptions(ckpt=folder, dataset=args.zeroshot_dataset, workers=0,
+                           precision="fp32", cache_dir="none",
+                           classnames=args.zeroshot_classnames, templates=args.zeroshot_templates)
     return float(run_zeroshot(opts, QUIET).report["acc1"])
 
 
-def pretrain(args, objective: str, seed: int, steps: int, out: str) -> dict:
-    """One pre-training run with `args.evals` validations and checkpoints along the way."""
+def pretrain(args, objective: str, seed: int, steps: int, out: str,
+             variant: tuple[str, ...] = ()) -> dict:
+    """One pre-training run with `args.evals` validations and checkpoints along the way.
+    variant: recipe overrides of a method variant (--variants)."""
     base = load_recipe(args.recipe, args.set)
     every = max(1, steps // args.evals)
     warmup = base.schedule.warmup_steps
@@ -99,35 +132,32 @@ def pretrain(args, objective: str, seed: int, steps: int, out: str) -> dict:
     sets = [*args.set, f"objective={objective}", f"seed={seed}", f"schedule.steps={steps}",
             f"schedule.warmup_steps={warmup}", f"train.val_every={every}",
             f"train.checkpoint_every={every}", f"train.log_every={every}",
-            f"train.keep_checkpoints={args.evals + 2}", "eval.zeroshot=none"]
+            f"train.keep_checkpoints={args.evals + 2}", "eval.zeroshot=none", *variant]
     recipe = load_recipe(args.recipe, sets)
-    log(f"pretrain {objective} seed {seed}: {steps} steps -> {out}")
+    log(f"pretrain {objective} {' '.join(variant)} seed {seed}: {steps} steps -> {out}")
     summary = run_pretrain(recipe, output_dir=out, resume="never", console=QUIET)
     records = read_metrics(out)
     train_s = max(r["train_s"] for r in records if "train_s" in r)
-    # the curve: full-image validation loss and zero-shot top-1 at each kept checkpoint
+    # the curve: zero-shot top-1 at each kept checkpoint, with the validation losses where the
+    # recipe has a validation set (None where it has none: the figure then says so)
     time_at = {r["step"]: r["train_s"] for r in records if "loss" in r and "train_s" in r}
     vals = {r["step"]: r for r in records if r.get("event") == "val"}
     curve = []
     for folder in _checkpoints(out):
         step = ckpt.load_meta(folder)["step"]
-        if step in vals:
-            curve.append({"step": step, "train_s": time_at.get(step, vals[step].get("train_s")),
-                          "val_full_loss": vals[step]["val_full_loss"],
-                          "val_loss": vals[step]["val_loss"],
-                          "zeroshot_top1": zeroshot_top1(folder, args.zeroshot_dataset)})
+        val = vals.get(step, {})
+        curve.append({"step": step, "train_s": time_at.get(step, val.get("train_s", train_s)),
+                      "val_full_loss": val.get("val_full_loss"), "val_loss": val.get("val_loss"),
+                      "zeroshot_top1": zeroshot_top1(folder, args)})
     curve.sort(key=lambda c: c["step"])
     meta = ckpt.load_meta(ckpt.resolve_checkpoint(out))
-    flops = flops_per_step(meta, recipe)
-    return {"objective": objective, "seed": seed, "steps": summary["step"], "run_dir": out,
+    return {"objective": objective, "variant": list(variant), "seed": seed,
+            "steps": summary["step"], "run_dir": out,
             "train_s": train_s, "s_per_step": train_s / max(1, summary["step"]),
-            "train_flops": (flops["student"] + flops["teacher"]) * summary["step"],
-            "student_flops_per_step": flops["student"],
-            "teacher_flops_per_step": flops["teacher"],
+            **run_flops(meta, recipe, summary["step"]),
             "val_full_loss": summary["val"].get("val_full_loss"),
             "val_loss": summary["val"].get("val_loss"),
-            "zeroshot_top1": curve[-1]["zeroshot_top1"] if curve else
-            zeroshot_top1(out, args.zeroshot_dataset),
+            "zeroshot_top1": curve[-1]["zeroshot_top1"] if curve else zeroshot_top1(out, args),
             "curve": curve}
 
 
@@ -206,7 +236,19 @@ def table_markdown(summary: dict, objectives: list[str], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], objectives: list[str], path: str, title: str) -> bool:
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+           "tab:pink", "tab:olive")
+NO_VAL_NOTE = ("No validation loss was measured: the recipe has no validation set "
+               "(set data.val_source to get these curves).")
+
+
+def plot(groups: dict[str, list[dict]], path: str, title: str) -> dict[str, str] | None:
+    """The figure of what was measured, one colour per group of runs (mean over seeds).
+
+    Curves where a run has two or more evaluation points; otherwise each group's final zero-shot
+    and fine-tune top-1 as points. A panel left without data shows a note saying why. Returns
+    what each panel shows ("data" or its note); None without matplotlib.
+    """
     try:
         import matplotlib
 
@@ -214,36 +256,220 @@ def plot(runs: list[dict], objectives: list[str], path: str, title: str) -> bool
         import matplotlib.pyplot as plt
     except ImportError:
         log("matplotlib is not installed (pip install -e '.[plot]'): no figure")
-        return False
-    fig, (ax_own, ax_loss, ax_acc) = plt.subplots(1, 3, figsize=(15, 4))
-    colours = {"uta": "tab:blue", "mim": "tab:orange", "fd": "tab:green"}
-    for objective in objectives:
-        curves = [r["curve"] for r in runs
-                  if r["objective"] == objective and "equal_steps" in r["settings"] and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)  # the same evaluation points in every seed
-        t = [statistics.fmean(c[i]["train_s"] for c in curves) for i in range(n)]
-        for ax, key in ((ax_own, "val_loss"), (ax_loss, "val_full_loss"),
-                        (ax_acc, "zeroshot_top1")):
-            ys = np.array([[c[i][key] for i in range(n)] for c in curves])
-            ax.plot(t, ys.mean(0), "o-", color=colours.get(objective), label=objective.upper())
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("val_loss", "validation loss (1 - cos)", "Own loss (its scored tokens)"),
+              ("val_full_loss", "validation loss, full image (1 - cos)",
+               "Every token of the unmasked image"),
+              ("top1", "top-1", "Zero-shot (CLS), fine-tune: final points"))
+    drawn = {title_: False for _, _, title_ in panels}
+    for i, (label, runs) in enumerate(groups.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        curves = [r["curve"] for r in runs if r.get("curve")]
+        for ax, (key, _, panel) in zip(axes[:2], panels[:2]):
+            usable = [c for c in curves if all(p.get(key) is not None for p in c)]
+            if not usable:
+                continue
+            n = min(len(c) for c in usable)  # the same evaluation points in every seed
+            t = [statistics.fmean(c[j]["train_s"] for c in usable) for j in range(n)]
+            ys = np.array([[c[j][key] for j in range(n)] for c in usable])
+            ax.plot(t, ys.mean(0), "o-", color=colour, label=label)
+            if len(usable) > 1:
+                ax.fill_between(t, ys.min(0), ys.max(0), color=colour, alpha=0.2)
+            drawn[panel] = True
+        ax = axes[2]
+        n = min((len(c) for c in curves), default=0)
+        if n >= 2:  # a zero-shot curve
+            t = [statistics.fmean(c[j]["train_s"] for c in curves) for j in range(n)]
+            ys = np.array([[c[j]["zeroshot_top1"] for j in range(n)] for c in curves])
+            ax.plot(t, ys.mean(0), "o-", color=colour, label=f"{label} zero-shot")
             if len(curves) > 1:
-                ax.fill_between(t, ys.min(0), ys.max(0), color=colours.get(objective), alpha=0.2)
-    ax_own.set(xlabel="training wall-clock (s)", ylabel="validation loss (1 - cos)",
-               title="Each objective's own loss (its scored tokens)")
-    ax_loss.set(xlabel="training wall-clock (s)", ylabel="validation loss, full image (1 - cos)",
-                title="Every token of the unmasked image")
-    ax_acc.set(xlabel="training wall-clock (s)", ylabel="zero-shot top-1",
-               title="Student zero-shot (CLS)")
-    for ax in (ax_own, ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.legend()
+                ax.fill_between(t, ys.min(0), ys.max(0), color=colour, alpha=0.2)
+            drawn[panels[2][2]] = True
+        for key, marker, what in (("zeroshot_top1", "o", "zero-shot"),
+                                  ("finetune_top1", "s", "fine-tune")):
+            if key == "zeroshot_top1" and n >= 2:
+                continue
+            points = [(r["train_s"], r[key]) for r in runs if r.get(key) is not None]
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker,
+                           color=colour, label=f"{label} {what}", alpha=0.8)
+                drawn[panels[2][2]] = True
+    shown = {}
+    for ax, (_, ylabel, panel) in zip(axes, panels):
+        ax.set_title(panel, fontsize=10)
+        if drawn[panel]:
+            ax.set(xlabel="training wall-clock (s)", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            shown[panel] = "data"
+        else:
+            note = NO_VAL_NOTE if panel != panels[2][2] else "No top-1 was measured."
+            ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=9,
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            shown[panel] = note
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return shown
+
+
+# --------------------------------------------------------------------------------------------
+# --variants: UTA against its peers' refinements (docs/method.md), each switched on alone, then
+# those that win together.
+
+VARIANT_ROWS = {  # row -> (label, recipe overrides); the unmasked finish depends on the steps
+    "uta": ("uta (the paper)", ()),
+    "attention": ("+ attention masks", ("mask.strategy=attention",)),
+    "target_norm": ("+ target norm", ("align.target_norm=layernorm",)),
+    "teacher_layers": ("+ teacher layers (last two)", ("align.teacher_layers=[-2,-1]",)),
+    "unmasked": ("+ unmasked finish", ()),
+}
+VARIANT_FIELDS = (("steps", "steps", "{:.0f}"), ("zeroshot_top1", "zero-shot top-1", "{:.3f}"),
+                  ("finetune_top1", "fine-tune top-1", "{:.3f}"),
+                  ("train_flops", "train TFLOP", "{:.3g}"), ("train_s", "wall-clock s", "{:.1f}"))
+
+
+def variant_overrides(args, rows: list[str], steps: int) -> tuple[str, ...]:
+    """The recipe overrides of a row made of one or more variants, for a run of `steps`."""
+    sets: list[str] = []
+    for row in rows:
+        sets += VARIANT_ROWS[row][1]
+        if row == "unmasked":
+            sets.append(f"schedule.unmasked_steps={max(1, round(args.unmasked_share * steps))}")
+    return tuple(sets)
+
+
+def beats(summary: dict, row: str) -> bool:
+    """A row beats the paper's when its mean zero-shot or fine-tune top-1 exceeds UTA's by more
+    than one standard deviation (the larger of the two rows' sds over seeds)."""
+    for key in ("zeroshot_top1", "finetune_top1"):
+        a, b = summary[row][key], summary["uta"][key]
+        if a["mean"] is None or b["mean"] is None:
+            continue
+        sd = max(a["sd"] or 0.0, b["sd"] or 0.0)
+        if a["mean"] - b["mean"] > sd:
+            return True
+    return False
+
+
+def run_variant(args, row: str, parts: list[str], seed: int, steps: int, setting: str) -> dict:
+    name = f"{row}_{'steps' if setting == 'equal_steps' else 'flops'}"
+    out = os.path.join(args.out, f"seed{seed}", name)
+    run = pretrain(args, "uta", seed, steps, out, variant_overrides(args, parts, steps))
+    run.update(row=row, parts=parts, settings=[setting], finetune_top1=None)
+    if args.finetune_recipe != "none":
+        run.update(finetune(args, run, out + "_finetune"))
+    return run
+
+
+def equal_flops_steps(args, parts: list[str], steps: int, budget: float, flops: float) -> int:
+    """Steps whose training FLOPs match `budget`: a run's FLOPs grow linearly with its steps
+    (the unmasked finish keeps its share of them), so scale the steps by the FLOP ratio."""
+    return max(args.evals, round(steps * budget / flops))
+
+
+def summarise_variants(runs: list[dict], rows: list[str]) -> dict:
+    out = {}
+    for setting in ("equal_steps", "equal_flops"):
+        out[setting] = {}
+        for row in rows:
+            chosen = [r for r in runs if r["row"] == row and setting in r["settings"]]
+            out[setting][row] = {key: spread([r[key] / 1e12 if key == "train_flops" else r[key]
+                                              for r in chosen]) for key, _, _ in VARIANT_FIELDS}
+    return out
+
+
+def variants_markdown(summary: dict, rows: list[str], labels: dict, seeds: int) -> str:
+    def cell(s: dict, fmt: str) -> str:
+        if s["mean"] is None:
+            return "-"
+        return fmt.format(s["mean"]) + (f" ± {fmt.format(s['sd'])}" if s["sd"] is not None
+                                        else "")
+
+    lines = []
+    for setting, title in (("equal_steps", "Equal optimizer steps"),
+                           ("equal_flops", "Equal training FLOPs (the paper's row's)")):
+        lines += [f"**{title}** (mean ± sd over {seeds} seed{'s' if seeds > 1 else ''})", "",
+                  "| row | " + " | ".join(label for _, label, _ in VARIANT_FIELDS) + " |",
+                  "|---|" + "---:|" * len(VARIANT_FIELDS)]
+        for row in rows:
+            s = summary[setting][row]
+            lines.append(f"| {labels[row]} | " + " | ".join(cell(s[k], fmt)
+                                                           for k, _, fmt in VARIANT_FIELDS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main_variants(args, base, steps: int) -> None:
+    t_start = time.perf_counter()
+    rows = list(VARIANT_ROWS)
+    labels = {r: VARIANT_ROWS[r][0] for r in rows}
+    labels["unmasked"] += f" ({args.unmasked_share:.0%} of steps)"
+    log(f"variants of uta on recipe {base.name}: {rows}, seeds {args.seeds}, {steps} steps, "
+        f"fine-tune {args.finetune_recipe} ({args.finetune_steps or 'recipe'} steps)")
+    runs: list[dict] = []
+
+    def save_progress():
+        with open(os.path.join(args.out, "runs.json"), "w") as f:  # progress survives a stop
+            json.dump(runs, f, indent=1)
+
+    def seed_rows(seed: int, row: str, parts: list[str]) -> None:
+        """A row's equal-steps run and, if its FLOPs differ from the paper's by more than 1% of
+        the steps (and one step), its equal-FLOPs run; else the equal-steps run serves both, and
+        the TFLOP column shows the difference."""
+        run = run_variant(args, row, parts, seed, steps, "equal_steps")
+        runs.append(run)
+        budget = next(r["train_flops"] for r in runs if r["row"] == "uta" and r["seed"] == seed)
+        n = equal_flops_steps(args, parts, steps, budget, run["train_flops"])
+        if abs(n - steps) <= max(1, steps // 100):
+            run["settings"].append("equal_flops")
+        else:
+            runs.append(run_variant(args, row, parts, seed, n, "equal_flops"))
+        save_progress()
+
+    for seed in range(args.seeds):
+        for row in rows:
+            seed_rows(seed, row, [row])
+    summary = summarise_variants(runs, rows)
+    winners = [r for r in rows[1:] if beats(summary["equal_steps"], r)]
+    note = ""
+    if len(winners) >= 2:
+        rows.append("combined")
+        labels["combined"] = "+ " + " + ".join(VARIANT_ROWS[w][0][2:] for w in winners)
+        for seed in range(args.seeds):
+            seed_rows(seed, "combined", winners)
+        summary = summarise_variants(runs, rows)
+    else:
+        note = (f"Variants that beat the paper's row by more than one sd: "
+                f"{', '.join(labels[w] for w in winners) or 'none'}; "
+                + ("no combined row (one variant is its own combination)." if winners
+                   else "no combined row."))
+    total_s = time.perf_counter() - t_start
+    table = variants_markdown(summary, rows, labels, args.seeds) + (f"\n{note}\n" if note
+                                                                    else "")
+    result = {"recipe": base.name, "mode": "variants", "rows": rows, "labels": labels,
+              "winners": winners, "seeds": args.seeds, "steps": steps,
+              "unmasked_share": args.unmasked_share, "finetune_recipe": args.finetune_recipe,
+              "finetune_steps": args.finetune_steps, "evals": args.evals,
+              "threads": torch.get_num_threads(), "benchmark_wall_s": round(total_s, 1),
+              "command": " ".join(sys.argv), "summary": summary, "runs": runs}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    figure = os.path.join(args.out, "variants.png")
+    groups = {labels[row]: [r for r in runs if r["row"] == row and "equal_steps" in r["settings"]]
+              for row in rows}
+    drawn = plot(groups, figure, f"{base.name}: uta and its variants, {steps} steps, "
+                 f"{args.seeds} seed(s), equal-step runs")
+    print()
+    print(table)
+    log(f"done in {total_s / 60:.1f} min; {args.out}/results.json, table.md"
+        + (", variants.png" if drawn else ""))
 
 
 def main() -> None:
@@ -259,12 +485,22 @@ def main() -> None:
                     help="validations / zero-shot points along each run (the figure's points)")
     ap.add_argument("--zeroshot-dataset", default="demo",
                     help="what `uta zeroshot --dataset` takes; demo = the held-out demo images")
+    ap.add_argument("--zeroshot-classnames", default="",
+                    help="what `uta zeroshot --classnames` takes: a file, one name per line")
+    ap.add_argument("--zeroshot-templates", default="",
+                    help="what `uta zeroshot --templates` takes: openai | simple | a file of "
+                         "prompts with {c}, e.g. 'a photo of the digit {c}.'")
     ap.add_argument("--finetune-recipe", default="",
                     help="classification fine-tune recipe (default: finetune_demo for the demo; "
                          "'none' skips fine-tuning)")
     ap.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--finetune-steps", type=int, default=150,
                     help="fine-tuning steps (0 = the fine-tune recipe's)")
+    ap.add_argument("--variants", action="store_true",
+                    help="compare uta with its variants (attention masks, target norm, teacher "
+                         "layers, unmasked finish, the winners together) instead of objectives")
+    ap.add_argument("--unmasked-share", type=float, default=0.1,
+                    help="--variants: the share of steps the unmasked finish takes")
     ap.add_argument("--out", default="runs/objectives")
     args = ap.parse_args()
 
@@ -279,6 +515,9 @@ def main() -> None:
     if steps < args.evals:
         sys.exit("--steps: give at least --evals steps (or a recipe with schedule.steps)")
     os.makedirs(args.out, exist_ok=True)
+    if args.variants:
+        main_variants(args, base, steps)
+        return
     t_start = time.perf_counter()
     log(f"recipe {base.name}, objectives {objectives}, seeds {args.seeds}, {steps} steps, "
         f"fine-tune {args.finetune_recipe} ({args.finetune_steps or 'recipe'} steps)")
@@ -326,9 +565,10 @@ def main() -> None:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table + "\n")
     figure = os.path.join(args.out, "objectives.png")
-    drawn = plot(runs, objectives, figure,
-                 f"{base.name}: {steps} steps, {args.seeds} seed(s), equal-step runs "
-                 f"(band: min-max over seeds)")
+    groups = {o.upper(): [r for r in runs if r["objective"] == o and "equal_steps" in r["settings"]]
+              for o in objectives}
+    drawn = plot(groups, figure, f"{base.name}: {steps} steps, {args.seeds} seed(s), equal-step "
+                 f"runs (band: min-max over seeds)")
     print()
     print(table)
     log(f"done in {total_s / 60:.1f} min; {args.out}/results.json, table.md"

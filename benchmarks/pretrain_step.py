@@ -40,7 +40,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from uta_cli.losses import gather_targets, token_alignment_loss
-from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices
+from uta_cli.masks.generate import (
+    MaskSpec,
+    attention_keep,
+    attention_noise,
+    generate_masks,
+    keep_indices,
+)
 from uta_cli.models.student import UTAStudent, build_trunk
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity
 from uta_cli.recipe import StudentConfig
@@ -259,6 +265,53 @@ def bench_compile(name: str, device: torch.device, precision: str, iters: int) -
             "student_speedup": round(med["eager"][1] / med["compiled"][1], 3)}
 
 
+def bench_attention_masks(name: str, device: torch.device, precision: str, iters: int) -> dict:
+    """The whole UTA step (teacher forward, student forward and backward, AdamW) with
+    mask.strategy attention against reversed-block, interleaved on the same inputs. The
+    reversed-block masks come from the loader (drawn in its workers, off the step); the
+    attention side reads the teacher's CLS row in the same forward and draws on the device."""
+    scfg, tcfg, batch = CONFIGS[name]
+    torch.manual_seed(0)
+    teacher = build_teacher(tcfg, device, precision)
+    student = UTAStudent(scfg, teacher.embed_dim).to(device)
+    teacher.match_grid(student.grid_size, "resize")
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+    n, ids = student.num_patches, np.arange(batch)
+    keep = torch.from_numpy(keep_indices(generate_masks(MaskSpec(), student.grid_size, 0, 0,
+                                                        ids))).to(device)
+    noise = torch.from_numpy(attention_noise(0, 0, ids, n)).to(device)
+    images = torch.randn(batch, 3, scfg.image_size, scfg.image_size, device=device)
+    t_images = torch.randn(batch, 3, teacher.image_size, teacher.image_size, device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step(kind: str) -> None:
+        if kind == "attention":
+            tokens, attn = teacher.targets(t_images, cls_attention=True)
+            targets, kept = tokens[0], attention_keep(attn, noise, keep.shape[1])
+        else:
+            targets, kept = teacher.tokens(t_images), keep
+        with amp:
+            loss = objective_loss("uta", student, images, targets, kept, n)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"reversed-block": [], "attention": []}
+    for i in range(iters + 2):  # 2 warm-up rounds, then interleaved
+        for kind in times:
+            _sync(device)
+            t0 = clock()
+            step(kind)
+            _sync(device)
+            if i >= 2:
+                times[kind].append(clock() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"config": name, "batch": batch,
+            "reversed_block_step_s": round(med["reversed-block"], 4),
+            "attention_step_s": round(med["attention"], 4),
+            "attention_overhead": round(med["attention"] / med["reversed-block"] - 1, 4)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -330,6 +383,11 @@ def main() -> None:
               f"{r['whole_step_ratio']:.3f}")
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {rss_mib:.0f} MiB")
+    for name in args.configs.split(","):
+        a = bench_attention_masks(name, device, args.precision, args.iters)
+        print(f"attention masks, {name}: whole step {a['attention_step_s']:.4f} s vs "
+              f"reversed-block {a['reversed_block_step_s']:.4f} s: overhead "
+              f"{a['attention_overhead']:+.1%} (target: at most +5%)")
     masks = bench_masks()
     print("mask generation, 14x14, ratio 0.5, 1 thread, batch 256 (masks/s): "
           + "  ".join(f"{k} {v}" for k, v in masks.items()))

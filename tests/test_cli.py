@@ -70,7 +70,7 @@ def _listed(command: str) -> list[str]:
             "classify": [lit(z.CkptFormat), lit(z.Precision), "[openai|simple|none|FILE]",
                          "[auto|cpu|cuda|cuda:N]"],
             "repoint": [],
-            "inspect-mask": ["<random|block|reversed-block|all>"]}[command]
+            "inspect-mask": ["<random|block|reversed-block|attention|all>"]}[command]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -95,7 +95,8 @@ def test_help_lists_every_choice_and_verbosity(command):
      "Did you mean 'openai'?"),
     (["pretrain", "--resume", "atuo"], "auto, never"),
     (["finetune", "finetune_demo", "--resume", "nevr"], "Did you mean 'never'?"),
-    (["inspect-mask", "--strategy", "reversed"], "'random', 'block', 'reversed-block', 'all'"),
+    (["inspect-mask", "--strategy", "reversed"],
+     "'random', 'block', 'reversed-block', 'attention', 'all'"),
     (["convert", "x.pt", "--output", "o", "--from", "timm"], "'uta-release'"),
     (["embed", "a.png", "--ckpt", "x", "--output", "e.npy", "--device", "cdua"],
      "Did you mean 'cuda'?"),

@@ -43,3 +43,28 @@ def masked_token_loss(student: torch.Tensor, target: torch.Tensor,
     patch_cos = (cos[:, 1:] * weight).sum() / n_masked
     return {"loss": 1.0 - patch_cos, "cls_cos": cos[:, 0].mean().detach(),
             "patch_cos": patch_cos.detach()}
+
+
+TARGET_NORMS = ("none", "layernorm")
+
+
+def normalize_targets(tokens: torch.Tensor, how: str) -> torch.Tensor:
+    """align.target_norm applied to teacher tokens (..., E), CLS and patches alike.
+
+    "layernorm": LayerNorm over each token's channels without parameters (MaskAlign's `whiten`
+    targets), eps 1e-6, in fp32. Under the cosine loss its scale drops out, so what it changes
+    is the per-token mean: every target is centred across its channels.
+    """
+    if how == "none":
+        return tokens
+    if how == "layernorm":
+        return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=1e-6)
+    raise ValueError(f"unknown target norm {how!r}; expected one of {', '.join(TARGET_NORMS)}")
+
+
+def mean_over_layers(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several teacher blocks' losses -> their mean; the cosines reported are the last block's
+    (the head zero-shot uses), so they stay comparable with a single-block run."""
+    out = dict(per_layer[-1])
+    out["loss"] = torch.stack([d["loss"] for d in per_layer]).mean()
+    return out

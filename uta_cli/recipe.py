@@ -79,11 +79,28 @@ class TeacherConfig:
 
 @dataclass
 class MaskConfig:
-    strategy: Literal["random", "block", "reversed-block"] = "reversed-block"
+    # "attention": visible tokens drawn in proportion to the teacher's last-layer CLS-to-patch
+    # attention (UMT, MILAN, MaskAlign), on the device after the teacher's forward.
+    strategy: Literal["random", "block", "reversed-block", "attention"] = "reversed-block"
     ratio: float = 0.5  # fraction of patch tokens dropped [ours; the paper does not say]
     min_block_patches: int = 16
     min_aspect: float = 0.3
     max_tries: int = 10
+    # attention only: draw in proportion to attention^(1 / T); 1 = the attention itself (UMT)
+    attention_temperature: float = 1.0
+
+
+@dataclass
+class AlignConfig:
+    """Variants of the alignment targets (docs/method.md); the defaults are the paper's."""
+
+    # "layernorm": a parameter-free LayerNorm of every teacher token (CLS and patches) before
+    # the cosine loss (MaskAlign's `whiten` targets).
+    target_norm: Literal["none", "layernorm"] = "none"
+    # Teacher blocks whose output tokens are targets (each through the teacher's final norm and
+    # projection); the student's last-layer tokens get one linear head per block, the loss is
+    # the mean over blocks (MaskAlign, UMT). Must include the last block (-1).
+    teacher_layers: list[int] = field(default_factory=lambda: [-1])
 
 
 @dataclass
@@ -103,6 +120,10 @@ class ScheduleConfig:
     epochs: float = 0.0
     warmup_steps: int = 0
     warmup_epochs: float = 0.0
+    # The last N steps run with every token visible, UTA's loss on all of them (FLIP's unmasked
+    # finish); the learning-rate schedule is unchanged. About twice the activation memory at
+    # mask ratio 0.5 (docs/pretraining.md). `uta pretrain` only.
+    unmasked_steps: int = 0
 
 
 @dataclass
@@ -219,6 +240,7 @@ class Recipe:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

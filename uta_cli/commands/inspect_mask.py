@@ -11,7 +11,7 @@ from rich.console import Console
 
 from uta_cli.errors import UtaUsageError
 
-_CHOICES = ("random", "block", "reversed-block", "all")
+_CHOICES = ("random", "block", "reversed-block", "attention", "all")
 _FLAG_HINT = ("With inspect-mask, change it with --mask-ratio R, --grid HxW, --strategy S, or "
               "--set mask.KEY=VALUE (e.g. --set mask.min_block_patches=4).")
 
@@ -32,16 +32,19 @@ def inspect_mask(
     recipe: str | None = typer.Argument(
         None, help="A built-in recipe name (demo, vitb16, vitl14) or a YAML path/URL whose mask "
         "settings and student grid apply. Default: the demo recipe."),
-    strategy: Literal["random", "block", "reversed-block", "all"] | None = typer.Option(
-        None, "--strategy", help="random, block, reversed-block, or all (side by side). "
-        "Default: the recipe's mask.strategy."),
+    strategy: Literal["random", "block", "reversed-block", "attention", "all"] | None = \
+        typer.Option(None, "--strategy", help="random, block, reversed-block, attention (a run's "
+                     "teacher on real images: needs --ckpt and --data), or all (the first three "
+                     "side by side). Default: the recipe's mask.strategy."),
     mask_ratio: float | None = typer.Option(
         None, "--mask-ratio", help="Fraction of patch tokens masked (dropped), in (0, 1). "
         "Default: the recipe's mask.ratio."),
     grid: str | None = typer.Option(
         None, "--grid", help="Patch grid H or HxW. Default: the recipe's "
         "student.image_size // student.patch_size."),
-    samples: int = typer.Option(5000, "--samples", help="Masks to draw per strategy (>= 100)."),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Masks to draw per strategy (>= 100; default 5000). With "
+        "--strategy attention: images of --data (default: all of them, at most 256)."),
     seed: int | None = typer.Option(None, "--seed", help="Mask seed. Default: the recipe's "
                                        "seed."),
     epoch: int = typer.Option(0, "--epoch", help="Epoch whose masks to draw (masks change with "
@@ -54,6 +57,10 @@ def inspect_mask(
                                        "bar as a PNG."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write the probability map(s) as "
                                             "CSV: strategy,row,col,p_masked,p_visible."),
+    ckpt: str | None = typer.Option(None, "--ckpt", help="--strategy attention: the pre-training "
+                                    "run whose teacher, grid, ratio and temperature apply."),
+    data: str | None = typer.Option(None, "--data", help="--strategy attention: a folder of "
+                                    "images (class folders or flat)."),
 ) -> None:
     """Mask statistics and heat maps: how often each patch is masked, how even the coverage is,
     how large the blocks are, how much samples differ (the paper's Figure 3, and more).
@@ -71,10 +78,16 @@ def inspect_mask(
       uta inspect-mask vitb16 --mask-ratio 0.75 --output-json m.json --csv m.csv
 
       uta inspect-mask my.yaml --grid 16x12 --samples 20000 --seed 3
+
+      uta inspect-mask --strategy attention --ckpt runs/demo --data images/ --samples 64
     """
     err = Console(stderr=True)
     try:
-        report = _run(recipe, strategy, mask_ratio, grid, samples, seed, epoch, set_)
+        if strategy == "attention" or ckpt is not None or data is not None:
+            report = _run_attention(strategy, ckpt, data, samples, seed)
+        else:
+            report = _run(recipe, strategy, mask_ratio, grid, 5000 if samples is None else samples,
+                          seed, epoch, set_)
         from uta_cli.masks.report import render_report, write_csv, write_json, write_png
 
         out = Console()
@@ -91,6 +104,20 @@ def inspect_mask(
     except UtaUsageError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def _run_attention(strategy: str | None, ckpt: str | None, data: str | None,
+                   samples: int | None, seed: int | None) -> dict:
+    if strategy != "attention" or not ckpt or not data:
+        raise UtaUsageError("--ckpt and --data go with --strategy attention, and it needs both: "
+                            "uta inspect-mask --strategy attention --ckpt RUN --data DIR (the "
+                            "run's teacher draws the masks on the images of DIR).")
+    if samples is not None and samples < 1:
+        raise UtaUsageError(f"--samples {samples}: give a positive number of images (at most "
+                            f"256), or leave it out for all images of --data.")
+    from uta_cli.workflows.inspect_mask import inspect_attention_masks
+
+    return inspect_attention_masks(ckpt, data, images=samples or 0, seed=seed or 0)
 
 
 def _run(recipe: str | None, strategy: str | None, mask_ratio: float | None, grid: str | None,

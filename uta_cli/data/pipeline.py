@@ -37,7 +37,14 @@ from uta_cli.data.transforms import (
     normalize,
 )
 from uta_cli.errors import UtaUsageError
-from uta_cli.masks.generate import MaskSpec, generate_masks, keep_indices, validate_mask_spec
+from uta_cli.masks.generate import (
+    DEVICE_STRATEGIES,
+    MaskSpec,
+    attention_noise,
+    generate_masks,
+    keep_indices,
+    validate_mask_spec,
+)
 
 __all__ = [  # the pipeline's public names, those of transforms.py included
     "RESIZE_MODES", "ArrayImageDataset", "EvalTransform", "MaskCollator", "Source",
@@ -85,13 +92,20 @@ class MaskCollator:
         if self.spec is not None and self.key_view and self.key_view in batch:
             ids = np.array([zlib.crc32(img.numpy().tobytes()) for img in batch[self.key_view]],
                            dtype=np.int64)
-            masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
-            batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
+            self._add_masks(batch, ids)
         elif self.spec is not None and "sample_id" in batch:
-            ids = batch["sample_id"].numpy().astype(np.int64)
+            self._add_masks(batch, batch["sample_id"].numpy().astype(np.int64))
+        return batch
+
+    def _add_masks(self, batch: dict, ids: np.ndarray) -> None:
+        if self.spec.strategy in DEVICE_STRATEGIES:
+            # drawn on the device from the teacher's attention; here only each sample's noise
+            n = self.grid[0] * self.grid[1]
+            batch["mask_noise"] = torch.from_numpy(
+                attention_noise(self.seed, self.epoch, ids, n))
+        else:
             masks = generate_masks(self.spec, self.grid, self.seed, self.epoch, ids)
             batch["keep_idx"] = torch.from_numpy(keep_indices(masks))
-        return batch
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:

@@ -18,7 +18,7 @@ from uta_cli.data.pipeline import View
 from uta_cli.errors import UtaUsageError
 from uta_cli.models import open_clip_folder, release
 from uta_cli.models.release import ReleaseTextTower, text_tower_from_meta
-from uta_cli.models.student import UTAStudent, fit_mask_token
+from uta_cli.models.student import UTAStudent, fit_training_parts
 from uta_cli.models.teacher import (
     CLIPTeacher,
     file_fingerprint,
@@ -225,7 +225,7 @@ def load_model(path: str, fmt: str = "auto", teacher_weights: str = "") -> Loade
         raise UtaUsageError(f"{folder} is a '{meta.get('task')}' checkpoint, not a UTA student.")
     cfg = StudentConfig(**meta["student"])
     model = UTAStudent(cfg, int(meta["embed_dim"]))
-    model.load_state_dict(fit_mask_token(student_weights(folder, meta), model))
+    model.load_state_dict(fit_training_parts(student_weights(folder, meta), model))
     meta["checkpoint_dir"] = folder
     return LoadedModel(model.eval(), meta, "checkpoint")
 

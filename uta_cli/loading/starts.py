@@ -28,7 +28,7 @@ from uta_cli.loading.model import (
 )
 from uta_cli.models import release
 from uta_cli.models.release import ReleasedModel, ReleaseTextTower
-from uta_cli.models.student import UTAStudent, fit_mask_token
+from uta_cli.models.student import UTAStudent, fit_training_parts
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, load_clip
 from uta_cli.recipe import StudentConfig
 
@@ -65,7 +65,7 @@ class Start:
             self.release.student = None
         else:
             state = student_weights(self.location, self.meta)
-        student.load_state_dict(fit_mask_token(state, student))  # a MIM run's [MASK] is unused
+        student.load_state_dict(fit_training_parts(state, student))  # a MIM run's [MASK] is unused
         return student
 
     def text_tower(self, teacher_weights: str = "") -> CLIPTeacher | ReleaseTextTower:

@@ -12,6 +12,13 @@ What comes from where:
   log-uniform in [min_aspect, 1/min_aspect], h < H and w < W, top-left uniform where it fits,
   accepted when it adds between 1 and `remaining` new patches, at most `max_tries` attempts per
   rectangle.
+- `attention` is UMT's, MILAN's and MaskAlign's teacher-guided masking: each sample's visible tokens
+  are drawn without replacement in proportion to the teacher's last-layer CLS-to-patch attention
+  (heads averaged). It needs the teacher's forward, so it is drawn on the device by the training
+  task (`attention_keep`); the collate function supplies only the per-sample noise
+  (`attention_noise`), keyed like every other mask, and a Gumbel-top-k turns it into the
+  multinomial draw (Gumbel-top-k of log p samples k items without replacement with the same law
+  as successive multinomial draws; Kool et al., 2019).
 - Ours:
   - `reversed-block` (the paper's idea, our code): the same block procedure with the target
     num_visible, and the blocks become the VISIBLE set.
@@ -34,10 +41,13 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from uta_cli.errors import UtaUsageError
 
-STRATEGIES = ("random", "block", "reversed-block")
+STRATEGIES = ("random", "block", "reversed-block")  # drawn by generate_masks
+# Drawn from the teacher's attention on the device, not by generate_masks in the collate function.
+DEVICE_STRATEGIES = ("attention",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class MaskSpec:
     min_block_patches: int = 16   # BEiT's minimum rectangle area
     min_aspect: float = 0.3       # aspect ratio log-uniform in [min_aspect, 1/min_aspect]
     max_tries: int = 10           # attempts per rectangle before the sample stops adding any
+    attention_temperature: float = 1.0  # attention: keep probability ~ attention^(1 / T)
 
 
 @dataclass(frozen=True)
@@ -122,10 +133,10 @@ def _block_fits(spec: MaskSpec, grid: tuple[int, int]) -> bool:
 
 def validate_mask_spec(spec: MaskSpec, grid: tuple[int, int]) -> None:
     """Raise UtaUsageError naming the setting and the fix when `spec` cannot mask `grid`."""
-    if not isinstance(spec.strategy, str) or spec.strategy not in STRATEGIES:
+    if not isinstance(spec.strategy, str) or spec.strategy not in STRATEGIES + DEVICE_STRATEGIES:
         raise UtaUsageError(
-            f"mask.strategy = {spec.strategy!r} is not a masking strategy. "
-            f"Use one of: {', '.join(STRATEGIES)} (reversed-block is UTA's default)."
+            f"mask.strategy = {spec.strategy!r} is not a masking strategy. Use one of: "
+            f"{', '.join(STRATEGIES + DEVICE_STRATEGIES)} (reversed-block is UTA's default)."
         )
     if not _is_number(spec.ratio):
         raise UtaUsageError(
@@ -157,6 +168,14 @@ def validate_mask_spec(spec: MaskSpec, grid: tuple[int, int]) -> None:
             f"{1 / n:.3g} and {1 - 1 / n:.3g}, or use a finer grid."
         )
     if spec.strategy == "random":
+        return
+    if spec.strategy == "attention":
+        t = spec.attention_temperature
+        if not _is_number(t) or not 0.0 < float(t) < math.inf:
+            raise UtaUsageError(
+                f"mask.attention_temperature = {t!r} must be a positive number: tokens are "
+                "drawn in proportion to attention^(1 / T). Set it to e.g. 1.0 (the attention "
+                "itself); larger values flatten the draw towards random masking.")
         return
     if not _is_int(spec.min_block_patches) or spec.min_block_patches < 1:
         raise UtaUsageError(
@@ -196,6 +215,7 @@ _MASK64 = (1 << 64) - 1
 _STREAM_RANDOM = 1
 _STREAM_RECT = 2
 _STREAM_FILL = 3
+_STREAM_ATTENTION = 4
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -314,6 +334,11 @@ def generate_masks_detailed(
 ) -> MaskBatch:
     """Like `generate_masks`, plus the log of accepted rectangles (see MaskBatch)."""
     validate_mask_spec(spec, grid)
+    if spec.strategy in DEVICE_STRATEGIES:
+        raise ValueError(
+            f"mask.strategy {spec.strategy!r} is drawn from the teacher's attention on the device "
+            "(attention_noise in the collate function, attention_keep after the teacher's "
+            "forward); generate_masks cannot draw it without a teacher.")
     height, width = int(grid[0]), int(grid[1])
     n = height * width
     ids = np.asarray(sample_ids).reshape(-1)
@@ -352,3 +377,31 @@ def keep_indices(masks: np.ndarray) -> np.ndarray:
     k = int(visible[0]) if masks.shape[0] else 0
     # np.nonzero walks row-major, so each row's columns come out ascending.
     return np.nonzero(~masks)[1].astype(np.int64).reshape(masks.shape[0], k)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention masks: the noise comes from the collate function (per-sample, seeded like every other
+# mask), the draw happens on the device once the teacher's attention is there.
+
+
+def attention_noise(seed: int, epoch: int, sample_ids: np.ndarray, n: int) -> np.ndarray:
+    """float64 (B, n) uniforms in (0, 1), row i a pure function of (seed, epoch, sample_ids[i])."""
+    keys = _sample_keys(seed, epoch, np.asarray(sample_ids).reshape(-1))
+    u = _uniform(keys[:, None], _STREAM_ATTENTION, np.arange(n, dtype=np.uint64)[None, :])
+    return u + 0.5 / (1 << 53)  # never exactly 0, so the Gumbel transform stays finite
+
+
+def attention_keep(attention: torch.Tensor, noise: torch.Tensor, num_keep: int,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """int64 (B, K): each row's visible positions, ascending, drawn without replacement with
+    probability proportional to attention^(1 / temperature).
+
+    attention: (B, N) non-negative CLS-to-patch attention; noise: (B, N) uniforms in (0, 1).
+    Gumbel-top-k: the K largest log p_i + G_i, G_i = -log(-log u_i), are a sample of K items
+    without replacement from p (the law of torch.multinomial(p, K) as UMT calls it), with no loop
+    over samples. A position of zero attention is kept only when fewer than K have any.
+    """
+    logp = attention.float().clamp_min(1e-30).log() / float(temperature)
+    gumbel = -(-noise.to(logp.device, torch.float64).log()).log()
+    scores = logp.double() + gumbel
+    return scores.topk(num_keep, dim=1).indices.sort(dim=1).values

@@ -38,6 +38,9 @@ def build_trunk(cfg: StudentConfig) -> nn.Module:
 
 
 MASK_TOKEN = "mask_token"  # the state-dict key of the [MASK] embedding (MIM training only)
+# The state-dict prefix of the heads for teacher blocks other than the last (align.teacher_layers;
+# training only: zero-shot, fine-tuning and export use `head`, the last block's).
+LAYER_HEADS = "layer_heads."
 
 
 class UTAStudent(nn.Module):
@@ -47,7 +50,8 @@ class UTAStudent(nn.Module):
     only in training with `mask=`; UTA and feature distillation students have none.
     """
 
-    def __init__(self, cfg: StudentConfig, embed_dim: int, mask_token: bool = False):
+    def __init__(self, cfg: StudentConfig, embed_dim: int, mask_token: bool = False,
+                 extra_heads: int = 0):
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg)
@@ -60,6 +64,10 @@ class UTAStudent(nn.Module):
         if mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
             trunc_normal_(self.mask_token, std=0.02)  # as BEiT and EVA-02
+        # One linear head per extra teacher block (MaskAlign's per-layer heads on the student's
+        # last-layer tokens), made after everything else so the other initial weights do not move.
+        self.layer_heads = nn.ModuleList(nn.Linear(cfg.width, embed_dim)
+                                         for _ in range(extra_heads)) if extra_heads else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of keeping its activations: the
@@ -117,25 +125,38 @@ class UTAStudent(nn.Module):
         return torch.where(mask.unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
 
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Every token projected into the joint space, (B, prefix + K, embed_dim)."""
-        return self.head(self.forward_tokens(images, keep_idx, mask))
+                mask: torch.Tensor | None = None, all_heads: bool = False) -> torch.Tensor:
+        """Every token projected into the joint space, (B, prefix + K, embed_dim).
+
+        all_heads: (L, B, prefix + K, embed_dim), the layer heads' outputs then `head`'s, in the
+        order of the teacher blocks they align with (a keyword, so it passes through DDP)."""
+        tokens = self.forward_tokens(images, keep_idx, mask)
+        if not all_heads:
+            return self.head(tokens)
+        heads = [*(self.layer_heads or ()), self.head]
+        return torch.stack([h(tokens) for h in heads])
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The CLS output on the full image: a CLIP image embedding (not normalised)."""
         return self.forward(images)[:, 0]
 
 
-def fit_mask_token(state: dict[str, torch.Tensor], student: UTAStudent
-                   ) -> dict[str, torch.Tensor]:
-    """`state` made to fit `student`: a MIM checkpoint's [MASK] embedding is dropped for a
-    student without one (zero-shot, fine-tuning, export: it is a training-time input only), and
-    a MIM student started from a checkpoint without one keeps its fresh [MASK] embedding."""
+def fit_training_parts(state: dict[str, torch.Tensor], student: UTAStudent
+                       ) -> dict[str, torch.Tensor]:
+    """`state` made to fit `student`, for the parts only training uses: a MIM checkpoint's [MASK]
+    embedding and a multi-layer run's layer heads are dropped for a student without them
+    (zero-shot, fine-tuning, export), and a student started from a checkpoint without them
+    keeps its fresh ones."""
     state = dict(state)
     if student.mask_token is None:
         state.pop(MASK_TOKEN, None)
     elif MASK_TOKEN not in state:
         state[MASK_TOKEN] = student.mask_token.detach().clone()
+    own = {k: v for k, v in student.state_dict().items() if k.startswith(LAYER_HEADS)}
+    for key in [k for k in state if k.startswith(LAYER_HEADS) and k not in own]:
+        del state[key]
+    for key, value in own.items():
+        state.setdefault(key, value.detach().clone())
     return state
 
 

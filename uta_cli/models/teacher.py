@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer as OpenClipViT
-from timm.layers import resample_abs_pos_embed
+from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed
 from torch import nn
 
 from uta_cli.errors import UtaUsageError
@@ -347,31 +347,127 @@ class CLIPTeacher:
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks of the image tower."""
+        if self.kind == "native":
+            return len(self.visual.transformer.resblocks)
+        return len(self.visual.trunk.blocks)
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks if self.kind == "native" else \
+            self.visual.trunk.blocks
+
+    def resolve_layers(self, layers) -> list[int]:
+        """Block indices (negative from the end) -> sorted, distinct, in [0, depth); the last
+        block must be among them (its head is the one zero-shot and export use)."""
+        depth = self.depth
+        bad = [i for i in layers if not -depth <= int(i) < depth]
+        if bad or not layers:
+            raise UtaUsageError(
+                f"align.teacher_layers = {list(layers)} names no block or a block outside the "
+                f"teacher's {depth} (valid: 0..{depth - 1}, or -1..-{depth} from the end). Use "
+                f"e.g. [-2, -1] for the last two.")
+        resolved = sorted({int(i) % depth for i in layers})
+        if resolved[-1] != depth - 1:
+            raise UtaUsageError(
+                f"align.teacher_layers = {list(layers)} leaves out the teacher's last block "
+                f"(-1). Its targets train the head that zero-shot and export use; add -1, e.g. "
+                f"{[*layers, -1]}.")
+        return resolved
+
+    def attention_problem(self) -> str:
+        """Why mask.strategy attention cannot read this tower's last attention ('' if it can)."""
+        attn = self._blocks()[-1].attn
+        if self.kind == "native":
+            return "" if isinstance(attn, nn.MultiheadAttention) else \
+                f"its last block attends with {type(attn).__name__}, not nn.MultiheadAttention"
+        needed = ("num_heads", "q_norm", "k_norm", "scale")
+        has_proj = getattr(attn, "qkv", None) is not None or hasattr(attn, "q_proj")
+        if has_proj and all(hasattr(attn, a) for a in needed):
+            return ""
+        return f"its last block's attention {type(attn).__name__} is not timm's Attention layout"
+
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Joint-space targets (B, 1 + N, embed_dim) in fp32: CLS (= encode_image) then patches."""
+        return self.targets(images)[0][-1]
+
+    @torch.no_grad()
+    def targets(self, images: torch.Tensor, layers: tuple[int, ...] = (),
+                cls_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Targets of several blocks and, optionally, the last block's CLS-to-patch attention.
+
+        layers: resolved block indices (resolve_layers), ascending; () = the last block only.
+        Returns tokens (L, B, 1 + N, embed_dim) in fp32, each block's output tokens through the
+        maps the last block's take (final norm, projection), and attention (B, N) in fp32, heads
+        averaged, on the student's grid, renormalised over the patches (or None). One forward:
+        blocks other than the last are read by forward hooks, the attention row by a hook on the
+        last block's attention input.
+        """
+        last = self.depth - 1
+        layers = tuple(layers) or (last,)
         images = images.to(self.device, self.dtype, non_blocking=True)
-        with self._autocast():
-            if self.kind == "native":
-                v = self.visual
-                x = v.transformer(v._embeds(images))
-                pooled, patches = v._pool(x)
-                if v.final_ln_after_pool:
-                    patches = v.ln_post(patches)
-                cls, patches = pooled @ v.proj, patches @ v.proj
-            else:
-                trunk = self.visual.trunk
-                feats = trunk.forward_features(images)  # ends with the trunk's final norm
-                cls = self.visual.head(trunk.forward_head(feats))  # = encode_image
-                patches = self.project_timm_tokens(feats[:, trunk.num_prefix_tokens:])
-        patches = patches.float()
-        if self.token_resample is not None:
-            b, n, e = patches.shape
-            gh, gw = self.grid_size
-            grid = patches.transpose(1, 2).reshape(b, e, gh, gw)
-            grid = F.interpolate(grid, size=self.token_resample, mode="bilinear",
-                                 align_corners=False, antialias=True)
-            patches = grid.flatten(2).transpose(1, 2)
+        blocks = self._blocks()
+        seen: dict[int, torch.Tensor] = {}
+        captured: dict[str, object] = {}
+        hooks = []
+        for i in layers[:-1] if layers[-1] == last else layers:
+            hooks.append(blocks[i].register_forward_hook(
+                lambda _m, _a, out, i=i: seen.__setitem__(i, out)))
+        if cls_attention:
+            hooks.append(blocks[last].attn.register_forward_pre_hook(
+                lambda _m, args, kwargs: captured.update(args=args, kwargs=kwargs),
+                with_kwargs=True))
+        try:
+            with self._autocast():
+                if self.kind == "native":
+                    v = self.visual
+                    x = v.transformer(v._embeds(images))
+                    outs = [self._native_project(seen[i]) for i in layers[:-1]] + \
+                        [self._native_project(x)]
+                else:
+                    trunk = self.visual.trunk
+                    feats = trunk.forward_features(images)  # ends with the trunk's final norm
+                    outs = [self._timm_project(trunk.norm(seen[i])) for i in layers[:-1]] + \
+                        [self._timm_project(feats)]
+                attention = cls_patch_attention(blocks[last].attn, captured, self.kind) \
+                    if cls_attention else None
+        finally:
+            for h in hooks:
+                h.remove()
+        tokens = torch.stack([self._on_student_grid(cls, patches) for cls, patches in outs])
+        if attention is not None:
+            attention = self.resample_grid(attention.float().unsqueeze(-1))[..., 0].clamp_min(0)
+            attention = attention / attention.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        return tokens, attention
+
+    def _native_project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.visual
+        pooled, patches = v._pool(x)
+        if v.final_ln_after_pool:
+            patches = v.ln_post(patches)
+        return pooled @ v.proj, patches @ v.proj
+
+    def _timm_project(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk = self.visual.trunk
+        cls = self.visual.head(trunk.forward_head(feats))  # = encode_image
+        return cls, self.project_timm_tokens(feats[:, trunk.num_prefix_tokens:])
+
+    def resample_grid(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) on the teacher's grid -> on the student's (teacher.grid_match interpolate:
+        bilinear, antialiased); unchanged when the grids match."""
+        if self.token_resample is None:
+            return patches
+        b, n, e = patches.shape
+        gh, gw = self.grid_size
+        grid = patches.transpose(1, 2).reshape(b, e, gh, gw)
+        grid = F.interpolate(grid, size=self.token_resample, mode="bilinear",
+                             align_corners=False, antialias=True)
+        return grid.flatten(2).transpose(1, 2)
+
+    def _on_student_grid(self, cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        patches = self.resample_grid(patches.float())
         return torch.cat([cls.float().unsqueeze(1), patches], dim=1)
 
     def project_timm_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -386,6 +482,60 @@ class CLIPTeacher:
         images = images.to(self.device, self.dtype)
         with self._autocast():
             return self.clip.encode_image(images).float()
+
+
+def cls_patch_attention(attn: nn.Module, captured: dict, kind: str) -> torch.Tensor:
+    """(B, N) attention of the CLS query over the patch keys, heads averaged, recomputed from the
+    last block's attention input (captured by a pre-hook): only the CLS row of q k^T, so the
+    tower's fused attention stays on. Covers nn.MultiheadAttention (open_clip ViTs) and timm's
+    Attention / EvaAttention (EVA-CLIP and other timm towers, RoPE and q/k norms included)."""
+    args, kwargs = captured["args"], captured["kwargs"]
+    if kind == "native":
+        if not isinstance(attn, nn.MultiheadAttention):
+            raise UtaUsageError(
+                f"mask.strategy attention reads the CLS row of the teacher's last attention, "
+                f"which this tower computes with {type(attn).__name__} (not "
+                f"nn.MultiheadAttention). Use another mask.strategy with this teacher.")
+        x = args[0] if args else kwargs["query"]
+        if not attn.batch_first:
+            x = x.transpose(0, 1)
+        d, heads = attn.embed_dim, attn.num_heads
+        if attn._qkv_same_embed_dim:
+            wq, wk = attn.in_proj_weight[:d], attn.in_proj_weight[d:2 * d]
+        else:
+            wq, wk = attn.q_proj_weight, attn.k_proj_weight
+        bias = attn.in_proj_bias
+        bq, bk = (bias[:d], bias[d:2 * d]) if bias is not None else (None, None)
+        q = F.linear(x[:, :1], wq, bq).unflatten(-1, (heads, -1)).transpose(1, 2)
+        k = F.linear(x, wk, bk).unflatten(-1, (heads, -1)).transpose(1, 2)
+        scale, prefix = q.shape[-1] ** -0.5, 1
+    else:
+        x = args[0] if args else kwargs["x"]
+        rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
+        heads = attn.num_heads
+        if getattr(attn, "qkv", None) is not None:
+            w = attn.qkv.weight
+            inner = w.shape[0] // 3
+            if getattr(attn, "q_bias", None) is not None:
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            else:
+                bias = attn.qkv.bias
+            bq = bias[:inner] if bias is not None else None
+            bk = bias[inner:2 * inner] if bias is not None else None
+            q = F.linear(x[:, :1], w[:inner], bq)
+            k = F.linear(x, w[inner:2 * inner], bk)
+        else:
+            q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
+        q = attn.q_norm(q.unflatten(-1, (heads, -1)).transpose(1, 2))
+        k = attn.k_norm(k.unflatten(-1, (heads, -1)).transpose(1, 2))
+        prefix = getattr(attn, "num_prefix_tokens", 1)
+        if rope is not None:  # the CLS query is a prefix token: RoPE turns the patch keys only
+            half = getattr(attn, "rotate_half", False)
+            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope,
+                                                                  half=half)], dim=2)
+        scale = attn.scale
+    row = ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(dim=-1)  # (B, H, 1, T)
+    return row.mean(dim=1)[:, 0, prefix:]
 
 
 def load_teacher(model: str, weights: str) -> CLIPTeacher:

@@ -19,8 +19,15 @@ from torch import nn
 
 from uta_cli.checkpoint import TASK_NAMES
 from uta_cli.data.pipeline import Source, View, normalize
-from uta_cli.losses import gather_targets, masked_token_loss, token_alignment_loss
-from uta_cli.models.student import MASK_TOKEN, UTAStudent
+from uta_cli.losses import (
+    gather_targets,
+    masked_token_loss,
+    mean_over_layers,
+    normalize_targets,
+    token_alignment_loss,
+)
+from uta_cli.masks.generate import attention_keep, num_visible
+from uta_cli.models.student import LAYER_HEADS, MASK_TOKEN, UTAStudent
 from uta_cli.models.teacher import CLIPTeacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.common import decay_groups
@@ -37,17 +44,35 @@ def masked_from_keep(keep_idx: torch.Tensor, num_patches: int) -> torch.Tensor:
 def objective_loss(objective: str, model: nn.Module, student_in: torch.Tensor,
                    teacher_tokens: torch.Tensor, keep_idx: torch.Tensor | None,
                    num_patches: int) -> dict[str, torch.Tensor]:
-    """One objective's forward and loss. teacher_tokens: (B, 1 + N, E) on the whole image;
-    keep_idx: (B, K) visible positions (unused by fd)."""
+    """One objective's forward and loss. teacher_tokens: (B, 1 + N, E) on the whole image, or
+    (L, B, 1 + N, E) for several teacher blocks (the student's heads in the same order; the loss
+    is the mean over blocks). keep_idx: (B, K) visible positions (unused by fd); None for uta is
+    the unmasked finish: every token enters and is aligned."""
+    layered = teacher_tokens.dim() == 4
+    heads = {"all_heads": True} if layered else {}
     if objective == "uta":
-        return token_alignment_loss(model(student_in, keep_idx),
-                                    gather_targets(teacher_tokens, keep_idx))
-    if objective == "mim":
+        if keep_idx is None:
+            pred = model(student_in, **heads)
+            score = token_alignment_loss
+        else:
+            pred = model(student_in, keep_idx, **heads)
+
+            def score(p, t):
+                return token_alignment_loss(p, gather_targets(t, keep_idx))
+    elif objective == "mim":
         mask = masked_from_keep(keep_idx, num_patches)
-        return masked_token_loss(model(student_in, mask=mask), teacher_tokens, mask)
-    if objective == "fd":
-        return token_alignment_loss(model(student_in), teacher_tokens)
-    raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+        pred = model(student_in, mask=mask, **heads)
+
+        def score(p, t):
+            return masked_token_loss(p, t, mask)
+    elif objective == "fd":
+        pred, score = model(student_in, **heads), token_alignment_loss
+    else:
+        raise ValueError(f"unknown objective {objective!r}; expected one of "
+                         f"{', '.join(OBJECTIVES)}")
+    if not layered:
+        return score(pred, teacher_tokens)
+    return mean_over_layers([score(p, t) for p, t in zip(pred, teacher_tokens)])
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
@@ -78,6 +103,13 @@ class AlignmentTask:
         self.accelerator: Accelerator | None = None
         self.compiled = False  # train.compile, resolved in setup
         self._teacher_tokens = self._alignment_loss = None
+        # The variants (docs/method.md): teacher blocks aligned, target norm, attention masks
+        self.layers = tuple(teacher.resolve_layers(recipe.align.teacher_layers))
+        self.target_norm = recipe.align.target_norm
+        self.attention_masks = recipe.mask.strategy == "attention" and self.objective != "fd"
+        self.num_keep = num_visible(student.num_patches, recipe.mask.ratio)
+        self.unmasked_steps = recipe.schedule.unmasked_steps
+        self.unmasked = False  # in the unmasked finish (begin_step)
         # eval.zeroshot while training: an eval_training.TrainingZeroShot, or None
         self.zeroshot = zeroshot
 
@@ -127,14 +159,47 @@ class AlignmentTask:
                                self.views["student"])
         return student_in, teacher_in, keep
 
+    def begin_step(self, step: int, total: int) -> dict | None:
+        """Called by the engine before each optimizer step (`step` = steps done): enters the
+        unmasked finish at step total - schedule.unmasked_steps. Returns a metrics record with a
+        `message` for the console when the phase starts (or is resumed into), else None."""
+        now = self.unmasked_steps > 0 and step >= total - self.unmasked_steps
+        started = now and not self.unmasked
+        self.unmasked = now
+        if not started:
+            return None
+        first = max(0, total - self.unmasked_steps)
+        return {"event": "unmasked_finish", "step": step, "steps": self.unmasked_steps,
+                "message": f"unmasked finish: steps {first + 1}-{total} run with every token "
+                           f"visible (schedule.unmasked_steps = {self.unmasked_steps})"}
+
+    def _targets(self, teacher_in: torch.Tensor, compiled: bool, attention: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(targets, the last block's raw targets, CLS-to-patch attention or None). targets is
+        (B, 1 + N, E) for one teacher block, (L, B, 1 + N, E) for several, after target_norm."""
+        if len(self.layers) == 1 and not attention:
+            raw = (self._teacher_tokens if compiled else self.teacher.tokens)(teacher_in)
+            return normalize_targets(raw, self.target_norm), raw, None
+        tokens, attn = self.teacher.targets(teacher_in, self.layers, cls_attention=attention)
+        targets = normalize_targets(tokens, self.target_norm)
+        return (targets[0] if len(self.layers) == 1 else targets), tokens[-1], attn
+
+    def _keep(self, batch: dict, keep, attention) -> torch.Tensor | None:
+        if attention is None:
+            return keep
+        return attention_keep(attention, batch["mask_noise"], self.num_keep,
+                              self.recipe.mask.attention_temperature)
+
     def _loss(self, student, batch: dict, train: bool = False) -> dict[str, torch.Tensor]:
         student_in, teacher_in, keep = self._inputs(batch)
         compiled = train and self.compiled
-        teacher_tokens = (self._teacher_tokens if compiled else self.teacher.tokens)(teacher_in)
-        if self.objective == "uta":
-            loss = self._alignment_loss if compiled else alignment_loss
-            return loss(student(student_in, keep), teacher_tokens, keep)
-        return objective_loss(self.objective, student, student_in, teacher_tokens, keep,
+        unmasked = train and self.unmasked
+        targets, _, attention = self._targets(teacher_in, compiled,
+                                              self.attention_masks and not unmasked)
+        keep = None if unmasked else self._keep(batch, keep, attention)
+        if self.objective == "uta" and compiled and targets.dim() == 3 and keep is not None:
+            return self._alignment_loss(student(student_in, keep), targets, keep)
+        return objective_loss(self.objective, student, student_in, targets, keep,
                               self.model.num_patches)
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -153,11 +218,14 @@ class AlignmentTask:
         """The objective's own loss, plus the alignment of every token on the whole unmasked
         image (full_*): what zero-shot and fine-tuning see, comparable across objectives."""
         student_in, teacher_in, keep = self._inputs(batch)
-        teacher_tokens = self.teacher.tokens(teacher_in)
-        out = objective_loss(self.objective, student, student_in, teacher_tokens, keep,
+        targets, raw, attention = self._targets(teacher_in, False, self.attention_masks)
+        keep = self._keep(batch, keep, attention)
+        out = objective_loss(self.objective, student, student_in, targets, keep,
                              self.model.num_patches)
-        full = out if self.objective == "fd" else \
-            token_alignment_loss(student(student_in), teacher_tokens)
+        # full_*: the last head against the raw last-block targets, comparable across variants
+        plain = targets.dim() == 3 and self.target_norm == "none"
+        full = out if self.objective == "fd" and plain else \
+            token_alignment_loss(student(student_in), raw)
         out.update({f"full_{k}": v for k, v in full.items()})
         return out
 
@@ -206,6 +274,11 @@ class AlignmentTask:
                 "teacher_input_size": self.teacher.image_size,
                 "grid_match": self.recipe.teacher.grid_match,
                 "mask": dataclasses.asdict(self.recipe.mask),
+                # the variants; zero-shot and export use `head` (the last block's) alone
+                "align": {"target_norm": self.target_norm, "teacher_layers": list(self.layers),
+                          "inference_head": "head",
+                          "training_only": [LAYER_HEADS + "*"] if len(self.layers) > 1 else []},
+                "unmasked_steps": self.unmasked_steps,
                 "student_preprocess": {"size": self.recipe.student.image_size,
                                        "mean": self.recipe.data.mean, "std": self.recipe.data.std,
                                        "interpolation": "bicubic",

@@ -63,6 +63,8 @@ class Task(Protocol):
 
     # Optional, looked up with getattr (a task without them behaves as before):
     #   after_optimizer_step(model, step)  the unwrapped model after each optimizer step (EMA)
+    #   begin_step(step, total)  before each optimizer step; a returned record (with a console
+    #       `message`) marks a phase starting there and is logged (the unmasked finish)
     #   save_extra(folder) / load_extra(folder)  state beside the weights (EMA weights), written
     #       into every checkpoint by the main process and read back on resume
     #   evaluate_at(model, step, final)  an evaluation on the task's own cadence (pre-training:
@@ -165,6 +167,10 @@ class Engine:
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr_at(run.step, run.total, run.warmup, cfg.lr, cfg.min_lr) * \
                 param_group.get("lr_scale", 1.0)
+        phase = run.begin_step(run.step, run.total) if run.begin_step is not None else None
+        if phase:  # a task's phase starts here (the unmasked finish): say so, and log it
+            run.progress.print(phase.pop("message"))
+            self.log_metrics(phase)
         for micro in range(cfg.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -287,6 +293,7 @@ class Engine:
                    epoch=start_step // steps_per_epoch, progress=progress,
                    last_saved=start_step if source is not None else -1,
                    after_step=getattr(task, "after_optimizer_step", None),
+                   begin_step=getattr(task, "begin_step", None),
                    nonfinite=torch.zeros((), device=acc.device, dtype=torch.bool))
 
     def _schedule(self, task: Task) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from uta_cli.errors import UtaUsageError
+from uta_cli.recipe import Recipe, recipe_to_dict
 
 # Keys a user may change on resume with --allow-changes (a key ending in "." covers a section).
 SAFE_CHANGES = ("name", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip",
@@ -112,9 +113,13 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
         if fp_old != fp_new:
             diffs["teacher (weights fingerprint)"] = [fp_old, fp_new]
     old, new = flatten(old_recipe), flatten(new_recipe)
+    # A key the checkpoint's recipe lacks was added since; that run used its default (the
+    # variants' keys, e.g. align.*, default to what every run did before they existed).
+    defaults = flatten(recipe_to_dict(Recipe())) if old_recipe else {}
     for key in sorted(set(old) | set(new)):
-        if key not in ignored and old.get(key) != new.get(key):
-            diffs[key] = [old.get(key, "(unset)"), new.get(key, "(unset)")]
+        was = old.get(key, defaults.get(key, "(unset)"))
+        if key not in ignored and was != new.get(key):
+            diffs[key] = [was, new.get(key, "(unset)")]
 
     world = (int(old_launch["world_size"]), int(new_launch["world_size"]))
     problems: list[str] = []

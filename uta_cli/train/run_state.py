@@ -44,6 +44,7 @@ class Run:
     step: int
     progress: StepProgress
     after_step: Callable | None        # the task's after_optimizer_step, if it has one
+    begin_step: Callable | None = None  # the task's begin_step, if it has one
     epoch: int = 0
     last_saved: int = -1               # the newest checkpoint written or resumed from
     skipped: int = 0                   # unreadable images so far

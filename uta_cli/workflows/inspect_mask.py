@@ -27,16 +27,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from uta_cli import checkpoint as ckpt
+from uta_cli.data.pipeline import open_dataset
+from uta_cli.data.transforms import EvalTransform, View, normalize
 from uta_cli.errors import UtaUsageError
+from uta_cli.loading.model import teacher_from_meta
 from uta_cli.masks.generate import (
+    DEVICE_STRATEGIES,
     STRATEGIES,
+    MaskBatch,
     MaskSpec,
+    attention_keep,
+    attention_noise,
     generate_masks_detailed,
     num_masked,
     num_visible,
     validate_mask_spec,
 )
+
+MAX_ATTENTION_IMAGES = 256  # each image costs one teacher forward
 
 MIN_SAMPLES = 100
 DEFAULT_SAMPLES = 5000
@@ -138,8 +149,18 @@ def flop_share(grid: tuple[int, int], ratio: float, width: int = 768,
             "width": int(width), "mlp_ratio": float(mlp_ratio)}
 
 
+def _generated(spec: MaskSpec, grid: tuple[int, int], samples: int, seed: int, epoch: int):
+    """(first sample index, MaskBatch, seconds) chunks of the generator training uses."""
+    for start in range(0, samples, _CHUNK):
+        ids = np.arange(start, min(start + _CHUNK, samples))
+        t0 = time.perf_counter()
+        batch = generate_masks_detailed(spec, grid, seed, epoch, ids)
+        yield start, batch, time.perf_counter() - t0
+
+
 def _strategy_stats(spec: MaskSpec, grid: tuple[int, int], samples: int, seed: int, epoch: int,
-                    width: int, mlp_ratio: float) -> tuple[dict[str, Any], float]:
+                    width: int, mlp_ratio: float, chunks=None) -> tuple[dict[str, Any], float]:
+    """Statistics of `samples` masks: generated, or the given (start, MaskBatch, seconds)."""
     h, w = grid
     n = h * w
     map_sum = np.zeros(n, dtype=np.int64)
@@ -147,11 +168,8 @@ def _strategy_stats(spec: MaskSpec, grid: tuple[int, int], samples: int, seed: i
     vis_sizes, mask_sizes, hamming, iou, fills = [], [], [], [], []
     rect_sample, rect_h, rect_w, rect_new = [], [], [], []
     seconds = 0.0
-    for start in range(0, samples, _CHUNK):
-        ids = np.arange(start, min(start + _CHUNK, samples))
-        t0 = time.perf_counter()
-        batch = generate_masks_detailed(spec, grid, seed, epoch, ids)
-        seconds += time.perf_counter() - t0
+    for start, batch, took in chunks or _generated(spec, grid, samples, seed, epoch):
+        seconds += took
         masks = batch.masks
         map_sum += masks.sum(axis=0)
         masked_counts.append(masks.sum(axis=1))
@@ -168,7 +186,7 @@ def _strategy_stats(spec: MaskSpec, grid: tuple[int, int], samples: int, seed: i
             sizes.append(s)
             largest.append(big)
         # Independent pairs (sample 2k, sample 2k+1) for the sample-to-sample variation.
-        a, b = masks[0:len(ids) - 1:2], masks[1:len(ids):2]
+        a, b = masks[0:len(masks) - 1:2], masks[1:len(masks):2]
         hamming.append((a != b).mean(axis=1))
         va, vb = ~a, ~b
         iou.append((va & vb).sum(axis=1) / np.maximum((va | vb).sum(axis=1), 1))
@@ -229,7 +247,7 @@ def _strategy_stats(spec: MaskSpec, grid: tuple[int, int], samples: int, seed: i
         },
         "flop_share": flop_share(grid, spec.ratio, width, mlp_ratio),
     }
-    if spec.strategy != "random":
+    if spec.strategy in ("block", "reversed-block"):
         r_sample, r_h, r_w, r_new = cat(rect_sample), cat(rect_h), cat(rect_w), cat(rect_new)
         per_mask = np.bincount(r_sample, minlength=samples)
         fill = cat(fills)
@@ -278,6 +296,12 @@ def inspect_masks(
     name) is recorded in the settings. Raises UtaUsageError on bad settings.
     """
     names = list(strategies) if strategies else [spec.strategy]
+    device_drawn = [n for n in names if n in DEVICE_STRATEGIES]
+    if device_drawn:
+        raise UtaUsageError(
+            f"Strategy {device_drawn[0]} draws from a teacher's attention on real images: give "
+            f"the run and the images, uta inspect-mask --strategy {device_drawn[0]} --ckpt RUN "
+            f"--data DIR.")
     for name in names:
         validate_mask_spec(MaskSpec(name, spec.ratio, spec.min_block_patches, spec.min_aspect,
                                     spec.max_tries), grid)
@@ -307,7 +331,92 @@ def inspect_masks(
     return report
 
 
+def inspect_attention_masks(run: str, data: str, images: int = 0, seed: int = 0,
+                            width: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """`uta inspect-mask --strategy attention`: the masks a run's teacher draws on real images.
+
+    Each of the first `images` images of `data` (0 = all of them, at most 256) goes once
+    through the run's teacher, at the run's grid matching; its CLS-to-patch attention then gives
+    masks by the training code's draw (`attention_keep`, the run's ratio and temperature), as
+    many per image as make DEFAULT_SAMPLES masks in all. Statistics as for the other strategies,
+    plus the mean attention map.
+    """
+    folder = ckpt.resolve_checkpoint(run)
+    meta = ckpt.load_meta(folder)
+    if "mask" not in meta or "teacher" not in meta or "student" not in meta:
+        raise UtaUsageError(f"{folder} is not a pre-training checkpoint (its meta.json records "
+                            f"no mask, teacher and student). Give the run directory of a "
+                            f"`uta pretrain` run to --ckpt.")
+    student = meta["student"]
+    grid = (student["image_size"] // student["patch_size"],) * 2
+    teacher = teacher_from_meta(meta)
+    problem = teacher.attention_problem()
+    if problem:
+        raise UtaUsageError(f"The teacher of {folder} cannot give attention masks: {problem}.")
+    teacher.match_grid(grid, meta.get("grid_match", "resize"))
+    ident = teacher.identity
+    view = View("teacher", teacher.image_size, tuple(ident.mean), tuple(ident.std),
+                ident.interpolation, resize_mode=ident.resize_mode)
+    dataset = open_dataset(data, "folder", EvalTransform([view]))
+    limit = min(len(dataset), images or MAX_ATTENTION_IMAGES)
+    if images > MAX_ATTENTION_IMAGES:
+        raise UtaUsageError(f"--samples {images}: at most {MAX_ATTENTION_IMAGES} images, each "
+                            f"costs one teacher forward. Give --samples {MAX_ATTENTION_IMAGES} "
+                            f"or fewer.")
+    rows = []
+    for start in range(0, limit, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, limit))]
+        pixels = [it["teacher"] for it in items if it is not None]
+        if pixels:
+            _, attn = teacher.targets(normalize(torch.stack(pixels), view), cls_attention=True)
+            rows.append(attn)
+    if not rows:
+        raise UtaUsageError(f"No readable image among the first {limit} of {data}. Give a "
+                            f"folder of images (class folders or flat) to --data.")
+    attention = torch.cat(rows)
+    count, n = attention.shape[0], grid[0] * grid[1]
+    mask = meta["mask"]
+    spec = MaskSpec(strategy="attention", ratio=float(mask["ratio"]),
+                    attention_temperature=float(mask.get("attention_temperature", 1.0)))
+    validate_mask_spec(spec, grid)
+    draws = max(1, math.ceil(DEFAULT_SAMPLES / count))
+    keep_n = num_visible(n, spec.ratio)
+    empty = np.zeros(0, dtype=np.int64)
+
+    def chunks():
+        for d in range(draws):  # draw d of every image: neighbours are different images
+            t0 = time.perf_counter()
+            noise = torch.from_numpy(attention_noise(seed, d, np.arange(count), n))
+            keep = attention_keep(attention, noise, keep_n, spec.attention_temperature)
+            masks = np.ones((count, n), dtype=bool)
+            np.put_along_axis(masks, keep.numpy(), False, axis=1)
+            yield d * count, MaskBatch(masks, empty, empty, empty, empty,
+                                       np.zeros(count, np.int64)), time.perf_counter() - t0
+
+    samples = draws * count
+    stats, seconds = _strategy_stats(spec, grid, samples, seed, 0,
+                                     width or student["width"], student.get("mlp_ratio", 4.0),
+                                     chunks=chunks())
+    stats["attention"] = {"images": count, "draws_per_image": draws,
+                          "temperature": spec.attention_temperature,
+                          "mean_map": attention.mean(0).reshape(grid).numpy().round(6).tolist()}
+    return {
+        "settings": {"source": f"{folder} on {data}", "grid": list(grid), "ratio": spec.ratio,
+                     "samples": samples, "seed": int(seed), "epoch": 0,
+                     "strategies": ["attention"], "images": count,
+                     "student_width": int(width or student["width"]),
+                     "student_mlp_ratio": float(student.get("mlp_ratio", 4.0))},
+        "definitions": {**DEFINITIONS, "attention": "masks drawn by the run's teacher on the "
+                        "images of --data: per image its CLS-to-patch attention, then "
+                        "draws_per_image draws; mean_map = the attention averaged over images"},
+        "strategies": {"attention": stats},
+        "timing": {"attention": {"seconds": seconds, "masks_per_second":
+                                 samples / seconds if seconds else None},
+                   "total_seconds": seconds},
+    }
+
+
 __all__ = [
     "DEFAULT_SAMPLES", "MIN_SAMPLES", "STRATEGIES", "check_samples", "flop_share",
-    "inspect_masks",
+    "inspect_attention_masks", "inspect_masks",
 ]

@@ -32,7 +32,7 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.during_training import TrainingZeroShot
 from uta_cli.loading.starts import student_init_state
 from uta_cli.masks.generate import MaskSpec, validate_mask_spec
-from uta_cli.models.student import UTAStudent, fit_mask_token
+from uta_cli.models.student import UTAStudent, fit_training_parts
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.alignment import AlignmentTask
@@ -52,6 +52,9 @@ def describe(recipe: Recipe) -> Table:
     table.add_row("objective", r.objective)
     table.add_row("mask", f"{r.mask.strategy}  ratio={r.mask.ratio}"
                   + ("  (unused: fd aligns every token)" if r.objective == "fd" else ""))
+    if r.align.target_norm != "none" or list(r.align.teacher_layers) != [-1]:
+        table.add_row("align", f"target_norm={r.align.target_norm}  "
+                      f"teacher_layers={list(r.align.teacher_layers)}")
     table.add_row("data", f"{r.data.source}  batch={r.data.batch_size}/process  "
                   f"workers={r.data.num_workers}")
     length = f"{r.schedule.steps} steps" if r.schedule.steps else f"{r.schedule.epochs} epochs"
@@ -77,6 +80,15 @@ def check_recipe(recipe: Recipe) -> None:
         raise UtaUsageError("data.crop_scale must be [low, high] with 0 < low <= high <= 1.")
     if recipe.student.image_size % recipe.student.patch_size:
         raise UtaUsageError("student.image_size must be a multiple of student.patch_size.")
+    if recipe.schedule.unmasked_steps < 0:
+        raise UtaUsageError(f"schedule.unmasked_steps = {recipe.schedule.unmasked_steps} is "
+                            f"negative. It counts the last steps run unmasked; set 0 (off) or a "
+                            f"positive number below the run's length.")
+    if recipe.schedule.unmasked_steps and recipe.objective != "uta":
+        why = "has no masked tokens left to score" if recipe.objective == "mim" else \
+            "sees every token already"
+        raise UtaUsageError(f"schedule.unmasked_steps is for objective uta: {recipe.objective} "
+                            f"{why} when nothing is masked. Set schedule.unmasked_steps=0.")
     grid = recipe.student.image_size // recipe.student.patch_size
     validate_mask_spec(MaskSpec(**dataclasses.asdict(recipe.mask)), (grid, grid))
     check_decode(recipe.data.decode)
@@ -108,11 +120,20 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         say(f"teacher weights: {teacher.identity.weights_layout} layout detected in "
             f"{teacher_weights}, converted to open_clip's")
     set_seed(recipe.seed)  # the same initial student on every rank
-    student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=recipe.objective == "mim")
+    layers = teacher.resolve_layers(recipe.align.teacher_layers)
+    if recipe.mask.strategy == "attention" and recipe.objective != "fd":
+        problem = teacher.attention_problem()
+        if problem:
+            raise UtaUsageError(f"mask.strategy attention needs the teacher's last-layer CLS "
+                                f"attention, but teacher '{teacher.identity.model}' cannot give "
+                                f"it: {problem}. Use mask.strategy reversed-block (UTA's) or "
+                                f"another strategy with this teacher.")
+    student = UTAStudent(recipe.student, teacher.embed_dim, mask_token=recipe.objective == "mim",
+                         extra_heads=len(layers) - 1)
     if recipe.student.init:
         state, source = student_init_state(recipe.student.init, recipe.student,
                                            teacher.embed_dim)
-        student.load_state_dict(fit_mask_token(state, student))
+        student.load_state_dict(fit_training_parts(state, student))
         say(f"student initialised from {source}")
     student.set_grad_checkpointing(recipe.train.grad_checkpointing)
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
