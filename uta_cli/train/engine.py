@@ -38,6 +38,7 @@ from uta_cli.errors import (
     is_out_of_memory,
 )
 from uta_cli.progress import StepProgress
+from uta_cli.train.data_wait import DataWaitWatch
 from uta_cli.train.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 from uta_cli.train.run_files import RunFiles
 from uta_cli.train.run_state import Run, Window, digest_u64, reduce_means, weights_digest
@@ -237,17 +238,21 @@ class Engine:
         window = run.window
         elapsed = time.perf_counter() - window.started
         means = reduce_means(self.acc, window.sums, window.counts)
+        wait = run.data_wait.window(window.data_wait, elapsed, run.step)  # the slowest process
         images = window.samples * self.acc.num_processes
         record = {"step": run.step, "epoch": round(run.step / run.steps_per_epoch, 4),
                   "lr": run.optimizer.param_groups[0]["lr"], **means,
                   "images_per_s": round(images / max(elapsed, 1e-9), 2),
-                  "data_wait_frac": round(window.data_wait / max(elapsed, 1e-9), 4),
+                  "data_wait_frac": wait,
                   "skipped_images": run.skipped,
                   "train_s": round(self.train_s + time.perf_counter() - t_step, 3)}
         self.log_metrics(record)
         run.progress.update(run.step, f"loss {means.get('loss', float('nan')):.4f}  "
-                            f"{_rate(record['images_per_s'])} img/s{self.eval_note}",
-                            log_line=True)
+                            f"{_rate(record['images_per_s'])} img/s  data {wait:.0%}"
+                            f"{self.eval_note}", log_line=True)
+        warning = run.data_wait.warning(wait)
+        if warning and self.acc.is_main_process:
+            log.warning(warning)
         run.window = Window()
 
     # -- before and after the loop --------------------------------------------------------------
@@ -294,7 +299,8 @@ class Engine:
                    last_saved=start_step if source is not None else -1,
                    after_step=getattr(task, "after_optimizer_step", None),
                    begin_step=getattr(task, "begin_step", None),
-                   nonfinite=torch.zeros((), device=acc.device, dtype=torch.bool))
+                   nonfinite=torch.zeros((), device=acc.device, dtype=torch.bool),
+                   data_wait=DataWaitWatch(acc.device, cfg.recipe))
 
     def _schedule(self, task: Task) -> tuple[int, int, int]:
         """(optimizer steps per epoch, total steps, warm-up steps) of this launch."""

@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from uta_cli.progress import StepProgress
+from uta_cli.train.data_wait import DataWaitWatch
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Run:
     sample_digest: int = 0             # of every sample id trained on (the end record)
     nonfinite: torch.Tensor | None = None
     window: Window = field(default_factory=Window)
+    data_wait: DataWaitWatch | None = None  # data_wait_frac per window, and its warning
 
 
 def digest_u64(values: torch.Tensor) -> int:
