@@ -20,12 +20,17 @@ from uta_cli import checkpoint as ckpt
 from uta_cli.app import app
 from uta_cli.data.transforms import View
 from uta_cli.errors import UtaUsageError
-from uta_cli.losses import gather_targets, normalize_targets, token_alignment_loss
+from uta_cli.losses import (
+    gather_targets,
+    masked_token_loss,
+    normalize_targets,
+    token_alignment_loss,
+)
 from uta_cli.masks.generate import attention_keep, attention_noise
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import StudentConfig, load_recipe
-from uta_cli.tasks.alignment import AlignmentTask
+from uta_cli.tasks.alignment import AlignmentTask, masked_from_keep
 from uta_cli.workflows.pretrain import run_pretrain
 
 runner = CliRunner()
@@ -41,18 +46,18 @@ def eva_dir(tmp_path_factory) -> str:
     return shrunk_teacher_folder(tmp_path_factory.mktemp("eva"), "EVA02-L-14")
 
 
-def tiny_student(extra_heads: int = 0) -> UTAStudent:
+def tiny_student(extra_heads: int = 0, mask_token: bool = False) -> UTAStudent:
     torch.manual_seed(0)
     cfg = StudentConfig(family="eva", image_size=32, patch_size=8, width=32, depth=2, heads=2,
                         mlp_ratio=2.0)
-    return UTAStudent(cfg, embed_dim=32, extra_heads=extra_heads)
+    return UTAStudent(cfg, embed_dim=32, mask_token=mask_token, extra_heads=extra_heads)
 
 
 def make_task(teacher_dir: str, **sets) -> AlignmentTask:
     recipe = load_recipe("demo", tiny_overrides(teacher_dir, **sets))
     teacher = load_teacher(f"local-dir:{teacher_dir}", "")
     layers = teacher.resolve_layers(recipe.align.teacher_layers)
-    student = tiny_student(extra_heads=len(layers) - 1)
+    student = tiny_student(extra_heads=len(layers) - 1, mask_token=recipe.objective == "mim")
     teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     views = {"student": View("student", 32, (0.5,) * 3, (0.25,) * 3),
              "teacher": View("teacher", teacher.image_size, (0.4,) * 3, (0.3,) * 3)}
@@ -138,18 +143,28 @@ def test_teacher_layers_must_hold_the_last_block(teacher_dir):
         t.resolve_layers([-1, 5])
 
 
-def test_multi_layer_loss_is_the_mean_over_layers_with_one_head_each(teacher_dir):
+@pytest.mark.parametrize("objective", ["uta", "mim", "fd"])
+def test_multi_layer_loss_is_the_mean_over_layers_with_one_head_each(teacher_dir, objective):
     task = make_task(teacher_dir, **{"align.teacher_layers": "[-2,-1]",
-                                     "align.target_norm": "layernorm"})
+                                     "align.target_norm": "layernorm", "objective": objective})
     assert len(task.model.layer_heads) == 1
     batch = fixed_batch()
     out = task._loss(task.model, batch, train=True)
     student_in, teacher_in, keep = task._inputs(batch)
     tokens, _ = task.teacher.targets(teacher_in, (0, 1))
-    feats = task.model.forward_tokens(student_in, keep)
-    per = [token_alignment_loss(head(feats), gather_targets(normalize_targets(t, "layernorm"),
-                                                              keep))["loss"]
-           for head, t in zip([task.model.layer_heads[0], task.model.head], tokens)]
+    targets = normalize_targets(tokens, "layernorm")
+    heads = [task.model.layer_heads[0], task.model.head]
+    if objective == "uta":
+        feats = task.model.forward_tokens(student_in, keep)
+        per = [token_alignment_loss(h(feats), gather_targets(t, keep))["loss"]
+               for h, t in zip(heads, targets)]
+    elif objective == "mim":
+        mask = masked_from_keep(keep, 16)
+        feats = task.model.forward_tokens(student_in, mask=mask)
+        per = [masked_token_loss(h(feats), t, mask)["loss"] for h, t in zip(heads, targets)]
+    else:
+        feats = task.model.forward_tokens(student_in)
+        per = [token_alignment_loss(h(feats), t)["loss"] for h, t in zip(heads, targets)]
     assert torch.allclose(out["loss"], (per[0] + per[1]) / 2, atol=1e-6)
 
 
