@@ -14,9 +14,18 @@ the batch is per GPU).
     python benchmarks/gpu_rehearsal.py                     # 50 steps, batch 64 per GPU
     python benchmarks/gpu_rehearsal.py --steps 50 --batch 128 --output rehearsal.json
     python benchmarks/gpu_rehearsal.py --decode cpu --workers 16   # PIL in 16 workers per GPU
+    python benchmarks/gpu_rehearsal.py --sharding fsdp     # the student sharded (FSDP2)
+
+`--sharding fsdp` shards the student over the GPUs of the multi-GPU run as `train.sharding:
+fsdp` does (per block, then the root; bf16 parameters, fp32 reduction); one GPU has nothing
+to split and runs whole. `--grad-checkpointing` recomputes each block in the backward pass.
 
 On a machine without CUDA it refuses (exit 2): the figures would mean nothing. `--allow-cpu`
-runs the same code on CPU with whatever sizes are given, to check the script itself.
+runs the same code on CPU with whatever sizes are given, to check the script itself (with
+`--sharding fsdp`: one process, then two under torchrun with gloo).
+
+    python benchmarks/gpu_rehearsal.py --allow-cpu --sharding fsdp --steps 2 --warmup 1 \
+        --batch 2 --workers 0 --images 16 --student-depth 2 --teacher ViT-B-32
 """
 
 from __future__ import annotations
@@ -50,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="data.decode: gpu (workers read bytes, decode_jpeg + crops on the "
                         "device; with --allow-cpu the same tensor path on the CPU) or cpu (PIL "
                         "in the workers)")
+    p.add_argument("--sharding", default="ddp", choices=["ddp", "fsdp"],
+                   help="train.sharding of the multi-GPU run")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="train.grad_checkpointing: recompute each student block in backward")
     p.add_argument("--output", default="", help="also write the results as JSON here")
     p.add_argument("--allow-cpu", action="store_true", help="run on CPU (checks the script)")
     p.add_argument("--single", action="store_true",
@@ -91,6 +104,7 @@ def measure(args: argparse.Namespace) -> dict | None:
     from uta_cli.recipe import load_recipe
     from uta_cli.tasks.common import decay_groups
     from uta_cli.train.setup import make_accelerator
+    from uta_cli.train.sharding import check_sharding, clip_grad_norm, shard_model, wants_sharding
 
     sets = [f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
             f"train.precision={args.precision}", f"data.source={args.data_dir}"]
@@ -110,7 +124,9 @@ def measure(args: argparse.Namespace) -> dict | None:
                             std=list(pp.get("std", open_clip.OPENAI_DATASET_STD)),
                             interpolation="bicubic", model_cfg=cfg)
     teacher = CLIPTeacher(clip, ident)
+    check_sharding(args.sharding, recipe.train.precision)
     student = UTAStudent(recipe.student, teacher.embed_dim)
+    student.set_grad_checkpointing(args.grad_checkpointing)
     grid_note = teacher.match_grid(student.grid_size, recipe.teacher.grid_match)
     teacher.to(device, recipe.train.precision)
 
@@ -130,9 +146,13 @@ def measure(args: argparse.Namespace) -> dict | None:
         transform.defer_jpeg = True
         source.device_decode = DeviceDecoder(views, device)
     o = recipe.optim
+    sharded = wants_sharding(args.sharding)
+    if sharded:  # as `train.sharding: fsdp`: sharded before the optimizer, never prepared
+        shard_model(student, recipe.train.precision)
     optimizer = torch.optim.AdamW(decay_groups(student, o.weight_decay), lr=o.lr,
                                   betas=tuple(o.betas), eps=o.eps)
-    student, optimizer = acc.prepare(student, optimizer)
+    if not sharded:
+        student, optimizer = acc.prepare(student, optimizer)
     student.train()
 
     def batches():
@@ -160,13 +180,13 @@ def measure(args: argparse.Namespace) -> dict | None:
         sync()
         t2 = time.perf_counter()
         student_in = normalize(batch["student"].to(device, non_blocking=True), views[0])
-        with acc.autocast():
+        with acc.autocast():  # (as `micro_step` in training, sharded or not)
             loss = token_alignment_loss(student(student_in, keep), targets)["loss"]
         acc.backward(loss)
         sync()
         t3 = time.perf_counter()
         if o.grad_clip > 0:
-            acc.clip_grad_norm_(student.parameters(), o.grad_clip)
+            clip_grad_norm(student, acc, o.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -191,7 +211,8 @@ def measure(args: argparse.Namespace) -> dict | None:
     step_s = float(gathered[:, 0].max())
     phase = {k: float(gathered[:, 1 + i].mean()) for i, k in enumerate(PHASES)}
     return {
-        "gpus": acc.num_processes,
+        "gpus": acc.num_processes, "sharding": "fsdp" if sharded else "ddp",
+        "grad_checkpointing": args.grad_checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "precision": recipe.train.precision, "teacher": args.teacher,
         "teacher_input_px": teacher.image_size, "grid": grid_note,
@@ -213,9 +234,9 @@ def measure(args: argparse.Namespace) -> dict | None:
 
 def show(result: dict) -> None:
     r = result
-    print(f"\n{r['gpus']} x {r['device']}  {r['precision']}  student {r['student']}  teacher "
-          f"{r['teacher']} at {r['teacher_input_px']} px  batch {r['batch_per_gpu']}/GPU  "
-          f"decode {r['decode']}, {r['workers_per_gpu']} workers/GPU")
+    print(f"\n{r['gpus']} x {r['device']}  {r['sharding']}  {r['precision']}  student "
+          f"{r['student']}  teacher {r['teacher']} at {r['teacher_input_px']} px  batch "
+          f"{r['batch_per_gpu']}/GPU  decode {r['decode']}, {r['workers_per_gpu']} workers/GPU")
     print(f"  {r['images_per_s']} images/s  ({r['step_s']} s/step over {r['steps']} steps)  "
           f"peak memory {r['peak_memory_allocated_gib']} GiB allocated, "
           f"{r['peak_memory_reserved_gib']} GiB reserved")
@@ -249,11 +270,14 @@ def main(argv=None) -> int:
         base = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
                 str(args.batch), "--workers", str(args.workers), "--teacher", args.teacher,
                 "--student-depth", str(args.student_depth), "--precision", args.precision,
-                "--decode", args.decode]
+                "--decode", args.decode, "--sharding", args.sharding]
+        base += ["--grad-checkpointing"] if args.grad_checkpointing else []
         base += ["--allow-cpu"] if args.allow_cpu else []
         results = []
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        for n in ([1, gpus] if gpus > 1 else [1]):
+        # on the CPU (--allow-cpu), fsdp is checked on two processes as well
+        cpu_pair = not gpus and args.sharding == "fsdp"
+        for n in ([1, gpus] if gpus > 1 else [1, 2] if cpu_pair else [1]):
             out = os.path.join(tmp, f"result_{n}.json")
             cmd = [os.path.abspath(__file__), *base, "--single", "--data-dir", args.data_dir,
                    "--output", out]
@@ -263,6 +287,10 @@ def main(argv=None) -> int:
                     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES",
                                                           "0").split(",")[0]
                 cmd = [sys.executable, *cmd]
+            elif not gpus:  # (accelerate launch --cpu starts one process; torchrun starts n)
+                env = os.environ
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                       str(n), *cmd]
             else:
                 env = os.environ
                 cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",

@@ -147,6 +147,11 @@ class TrainConfig:
     # "auto": on for CUDA devices only; on CPU the measured gain does not pay for the compile
     # time (README, Performance). true / false force it. `uta pretrain` only.
     compile: Literal["auto", True, False] = "auto"
+    # ddp: every process holds the whole student, its gradients and AdamW state. fsdp: they are
+    # sharded over the processes with PyTorch FSDP2 (per block, then the root); checkpoints add
+    # each process's shards (DCP) to the usual files. Needs a run directory every process
+    # reaches (docs/performance.md). `uta pretrain` and `uta finetune`.
+    sharding: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass

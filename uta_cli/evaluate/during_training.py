@@ -15,6 +15,7 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.class_weights import cached_classifier, default_cache_dir
 from uta_cli.evaluate.datasets import EvalSet, resolve_dataset, resolve_eval_templates
 from uta_cli.evaluate.encoders import Encoder, eval_view, text_encoder
+from uta_cli.evaluate.lockstep import CountingCall, even_out_forwards, is_sharded
 from uta_cli.evaluate.per_process import classify_shard, merge_classification, shard_loader
 from uta_cli.recipe import recipe_to_dict
 
@@ -102,16 +103,20 @@ class TrainingZeroShot:
         was_training = student.training
         student.eval()
 
-        def encode(x: torch.Tensor) -> torch.Tensor:
+        def encode_image(x: torch.Tensor) -> torch.Tensor:
             with autocast():
                 return student.encode_image(x).float()
 
+        encode = CountingCall(encode_image)
         encoder = Encoder("student", "student", "", self.view, encode, self.teacher)
         loader, total = shard_loader(self.evalset, EvalTransform([self.view]),
                                      state.process_index, state.num_processes, self.batch_size,
                                      self.workers, pin=device.type == "cuda")
         payload = classify_shard(loader, total, [encoder], {"student": self.classifier}, device,
                                  Console(quiet=True), False)
+        if is_sharded(student):  # a sharded student's forwards are collectives
+            even_out_forwards(encode.calls, lambda: encode_image(torch.zeros(
+                1, 3, self.view.size, self.view.size, device=device)), device)
         student.train(was_training)
         parts = gather_object([payload])
         errors = [p["error"] for p in parts if p["error"]]

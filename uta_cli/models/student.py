@@ -138,7 +138,8 @@ class UTAStudent(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """The CLS output on the full image: a CLIP image embedding (not normalised)."""
-        return self.forward(images)[:, 0]
+        # a copy, not a view of the token output (FSDP warns of in-place ops on views)
+        return self.forward(images)[:, 0].clone()
 
 
 def fit_training_parts(state: dict[str, torch.Tensor], student: UTAStudent

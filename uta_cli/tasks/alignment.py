@@ -19,6 +19,7 @@ from torch import nn
 
 from uta_cli.checkpoint import TASK_NAMES
 from uta_cli.data.pipeline import Source, View, normalize
+from uta_cli.evaluate.lockstep import CountingCall, even_out_forwards, is_sharded, stand_in_forward
 from uta_cli.losses import (
     gather_targets,
     masked_token_loss,
@@ -31,6 +32,7 @@ from uta_cli.models.student import LAYER_HEADS, MASK_TOKEN, UTAStudent
 from uta_cli.models.teacher import CLIPTeacher
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.common import decay_groups
+from uta_cli.train.sharding import eager_call
 
 OBJECTIVES = tuple(TASK_NAMES)  # TASK_NAMES: objective -> the task name its checkpoints carry
 
@@ -118,7 +120,7 @@ class AlignmentTask:
         self.device = accelerator.device
         self.teacher.to(accelerator.device, self.recipe.train.precision)
         self.compiled = use_compile(self.recipe.train.compile, self.device)
-        if self.compiled:
+        if self.compiled and not is_sharded(self.model):  # (sharded: blocks compiled first)
             # In place: the module's call is compiled, its state-dict keys stay as they are (no
             # `_orig_mod.`), so checkpoints, resume and export do not know about it. Validation
             # calls `forward` directly and stays eager (other batch sizes, no grad: no recompiles).
@@ -204,6 +206,10 @@ class AlignmentTask:
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if "student" not in batch:  # every image of this batch was unreadable
+            if is_sharded(model):  # its forward and backward are collectives: run them
+                size = self.recipe.student.image_size
+                out = model(torch.zeros(1, 3, size, size, device=self.device))
+                return {"loss": out.float().sum() * 0.0}
             zero = sum(p.sum() for p in model.parameters()) * 0.0
             return {"loss": zero}
         return self._loss(model, batch, train=True)
@@ -239,14 +245,18 @@ class AlignmentTask:
         model.eval()
         totals = torch.zeros(len(self.metric_names) + 1, dtype=torch.float64)
         autocast = self.accelerator.autocast() if self.accelerator else torch.no_grad()
+        student = CountingCall(eager_call(model))  # eager even if training compiles
         with autocast:
             for batch in self.val_source.one_pass():
                 if "student" not in batch:
                     continue
-                out = self._val_losses(model.forward, batch)  # eager even if training compiles
+                out = self._val_losses(student, batch)
                 n = len(batch["student"])
                 totals += torch.tensor([float(out[k]) * n for k in self.metric_names] + [n],
                                        dtype=torch.float64)
+            if is_sharded(model):  # every process runs as many (collective) forwards
+                even_out_forwards(student.calls, stand_in_forward(
+                    model, self.recipe.student.image_size, self.device), self.device)
         model.train()
         acc = self.accelerator
         if acc is not None and acc.num_processes > 1:

@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import random
@@ -34,6 +35,7 @@ from uta_cli.data.folders import collate_skip_none
 from uta_cli.data.pipeline import Source, TrainTransform, View, normalize
 from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.zeroshot import classification_metrics
+from uta_cli.train.sharding import full_state_dict, is_sharded, load_full_state_dict
 
 EMA_FILE = "ema.safetensors"
 
@@ -237,6 +239,14 @@ class ClassificationTask:
         self.meta = meta or {}
         self.device = torch.device("cpu")
         self.accelerator: Accelerator | None = None
+        self._ema_twin: nn.Module | None = None  # train.sharding=fsdp: the EMA's sharded module
+
+    def shard(self, shard_fn: Callable[[nn.Module], nn.Module]) -> None:
+        """train.sharding=fsdp: shard the model, and a copy of it for the EMA (a sharded module
+        cannot be deep-copied later, so the copy is made now and sharded the same way)."""
+        if self.ema_decay > 0:
+            self._ema_twin = shard_fn(copy.deepcopy(self.model).requires_grad_(False))
+        shard_fn(self.model)
 
     def setup(self, accelerator: Accelerator) -> None:
         self.accelerator = accelerator
@@ -244,7 +254,18 @@ class ClassificationTask:
         if self.ema_decay > 0:
             # Created after `prepare` (same device as the model) and after a resume has loaded
             # the live weights; `load_extra` then restores the EMA's own weights.
-            self.ema = ModelEmaV3(self.model, decay=self.ema_decay, use_warmup=self.ema_warmup)
+            if self._ema_twin is None:
+                self.ema = ModelEmaV3(self.model, decay=self.ema_decay,
+                                      use_warmup=self.ema_warmup)
+            else:  # timm's EMA (decay, warm-up, update) over the twin, shard by shard; it
+                # is built around a stand-in (it deep-copies what it is given) and then given it
+                self.ema = ModelEmaV3(nn.Linear(1, 1, device=self.device),
+                                      decay=self.ema_decay, use_warmup=self.ema_warmup)
+                self.ema.module = self._ema_twin.eval()
+                with torch.no_grad():
+                    for twin, live in zip(self._ema_twin.state_dict().values(),
+                                          self.model.state_dict().values()):
+                        twin.copy_(live)
             self.ema.module.requires_grad_(False)
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
@@ -258,6 +279,9 @@ class ClassificationTask:
 
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if self.view.name not in batch:  # every image of this batch was unreadable
+            if is_sharded(model):  # its forward and backward are collectives: run them
+                x = torch.zeros(1, 3, self.view.size, self.view.size, device=self.device)
+                return {"loss": model(x).float().sum() * 0.0}
             return {"loss": sum(p.sum() for p in model.parameters()) * 0.0}
         labels = batch["label"]
         if (labels < 0).any() or (labels >= self.num_classes).any():
@@ -314,11 +338,22 @@ class ClassificationTask:
             out.update({f"val_ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
         return out
 
+    # sharded: save_extra gathers the EMA's shards, so every process calls it
+    @property
+    def saves_on_every_rank(self) -> bool:
+        return self._ema_twin is not None
+
     def save_extra(self, folder: str) -> None:
-        if self.ema is not None:
-            save_file({k: v.detach().contiguous().cpu()
-                       for k, v in self.ema.module.state_dict().items()},
-                      os.path.join(folder, EMA_FILE))
+        if self.ema is None:
+            return
+        if self._ema_twin is not None:
+            state = full_state_dict(self.ema.module)  # collective; whole on rank 0 only
+            if not self.accelerator.is_main_process:
+                return
+        else:
+            state = self.ema.module.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
+                  os.path.join(folder, EMA_FILE))
 
     def load_extra(self, folder: str) -> None:
         if self.ema is not None:
@@ -327,7 +362,11 @@ class ClassificationTask:
                 raise UtaUsageError(f"{folder} has no {EMA_FILE}: it was written without "
                                     f"finetune.ema_decay. Resume with the same recipe, or start "
                                     f"a new run (--resume never).")
-            self.ema.module.load_state_dict(load_file(path, device=str(self.device)))
+            state = load_file(path)  # (copied onto the EMA's device by the load)
+            if self._ema_twin is not None:
+                load_full_state_dict(self.ema.module, state)
+            else:
+                self.ema.module.load_state_dict(state)
 
     def checkpoint_meta(self) -> dict:
         return {**self.meta, "ema": self.ema is not None}

@@ -12,7 +12,6 @@ change the run (another recipe or launch) is refused unless allowed (resume_guar
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -43,6 +42,8 @@ from uta_cli.train.resume_guard import ResumeChanges, check_resume, flatten, par
 from uta_cli.train.run_files import RunFiles
 from uta_cli.train.run_state import Run, Window, digest_u64, reduce_means, weights_digest
 from uta_cli.train.setup import EngineConfig
+from uta_cli.train.sharded_state import load_training_weights
+from uta_cli.train.sharding import clip_grad_norm, is_sharded, micro_step
 from uta_cli.train.tracking import open_trackers
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class Task(Protocol):
     #   begin_step(step, total)  before each optimizer step; a returned record (with a console
     #       `message`) marks a phase starting there and is logged (the unmasked finish)
     #   save_extra(folder) / load_extra(folder)  state beside the weights (EMA weights), written
-    #       into every checkpoint by the main process and read back on resume
+    #       into every checkpoint by the main process and read back on resume; by every process
+    #       when the model is sharded and the task's `saves_on_every_rank` is true (it gathers)
     #   evaluate_at(model, step, final)  an evaluation on the task's own cadence (pre-training:
     #       zero-shot accuracy), called on every rank after each step and once at the end; a
     #       non-empty result is logged as event `task.eval_event` and shown on the progress line
@@ -185,7 +187,7 @@ class Engine:
                 run.sample_digest = (run.sample_digest + digest_u64(batch["sample_id"])) \
                     & ((1 << 63) - 1)
             last_micro = micro == cfg.grad_accum - 1
-            with acc.no_sync(model) if not last_micro else contextlib.nullcontext():
+            with micro_step(model, acc, last_micro):
                 out = task.training_step(model, batch)
                 acc.backward(out["loss"] / cfg.grad_accum)
             run.nonfinite |= ~torch.isfinite(out["loss"].detach())
@@ -193,8 +195,7 @@ class Engine:
                 run.window.add(k, v)
         # The norm before clipping, logged beside the loss: spikes show here first.
         # inf = measure without clipping.
-        norm = acc.clip_grad_norm_(model.parameters(),
-                                   cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        norm = clip_grad_norm(model, acc, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if norm is not None:
             run.window.add("grad_norm", norm)
         optimizer.step()
@@ -272,7 +273,8 @@ class Engine:
                                                  steps_per_epoch, allow_changes)
             start_step = int(state["step"])
         self.files.write_config(source is not None, start_step)
-        model, optimizer = acc.prepare(model, optimizer)
+        if not is_sharded(model):  # (a sharded model stays out of DDP: train/sharding.py)
+            model, optimizer = acc.prepare(model, optimizer)
         if source is not None:
             self._restore_process_state(source, state, accepted, start_step, steps_per_epoch)
         elif acc.is_main_process and os.path.exists(self.metrics_path):
@@ -327,15 +329,14 @@ class Engine:
         state = ckpt.load_training_state(source)
         accepted = self._check_resume(task, source, meta, state, int(state["step"]),
                                       steps_per_epoch, allow_changes)
-        try:
-            model.load_state_dict(ckpt.load_weights(source))
+        try:  # whichever way the checkpoint and this run are distributed (ddp, fsdp)
+            load_training_weights(model, optimizer, source, state)
         except RuntimeError as e:  # same task, another model (the recipe changed)
             first = str(e).strip().splitlines()
             raise UtaUsageError(
                 f"Cannot resume from {source}: its weights do not fit this recipe's model "
                 f"({first[1].strip() if len(first) > 1 else first[0][:200]}). Use another "
                 f"--output-dir, or --resume never to start over.") from None
-        optimizer.load_state_dict(state["optimizer"])
         return state, accepted
 
     def _restore_process_state(self, source: str, state: dict, accepted: ResumeChanges,
@@ -415,9 +416,11 @@ class Engine:
     def _validate(self, task: Task, model: nn.Module, step: int, steps_per_epoch: int,
                   progress: StepProgress) -> dict[str, float]:
         result: dict[str, float] = {}
-        on_every_rank = getattr(task, "validates_on_every_rank", False)
+        sharded = is_sharded(model)  # its forwards are collectives: every process validates
+        on_every_rank = getattr(task, "validates_on_every_rank", False) or sharded
         if on_every_rank or self.acc.is_main_process:
             result = task.validate(self.acc.unwrap_model(model))
+        better = None  # the new best value, decided by the main process
         if self.acc.is_main_process:
             if result:
                 self.log_metrics({"event": "val", "step": step,
@@ -430,10 +433,15 @@ class Engine:
                 value = float(result[metric])
                 best = self.best["value"] if self.best else None
                 if best is None or (value > best if self.cfg.best_mode == "max" else value < best):
-                    self.best = {"metric": metric, "value": value, "step": step}
-                    self.files.save_best(task, model, step, step // steps_per_epoch, self.best)
-                    self.log_metrics({"event": "best", "step": step,
-                                      "epoch": step // steps_per_epoch, metric: value})
+                    better = value
+        if sharded and self.cfg.best_metric:
+            better = gather_object([better])[0]  # rank 0's decision, on every process
+        if better is not None and (sharded or self.acc.is_main_process):
+            metric = self.cfg.best_metric
+            self.best = {"metric": metric, "value": better, "step": step}
+            self.files.save_best(task, model, step, step // steps_per_epoch, self.best)
+            self.log_metrics({"event": "best", "step": step,
+                              "epoch": step // steps_per_epoch, metric: better})
         self.acc.wait_for_everyone()
         return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from uta_cli import checkpoint as ckpt
 from uta_cli.io import atomic_path, atomic_write_json, atomic_write_text
 from uta_cli.outputs import mirror_of
 from uta_cli.train.setup import EngineConfig
+from uta_cli.train.sharded_state import check_every_rank_sees, save_sharded
+from uta_cli.train.sharding import full_state_dict, is_sharded
 
 
 class RunFiles:
@@ -37,25 +40,38 @@ class RunFiles:
 
     # -- step-named checkpoints --------------------------------------------------------------------
     def save(self, task, model: nn.Module, optimizer, step: int, epoch: int) -> str:
-        """Every rank writes its RNG state; the main process the weights, the training state and
-        meta.json; then the folder is committed under its step name."""
+        """Every rank writes its RNG state (and, sharded, its DCP shards of the weights and
+        optimizer state); the main process the weights (a sharded model's gathered), the
+        training state and meta.json; then the folder is committed under its step name."""
         acc = self.acc
+        sharded = is_sharded(model)
         tmp = None
         if acc.is_main_process:
             os.makedirs(self.ckpt_root, exist_ok=True)
             tmp = ckpt.begin(self.ckpt_root, step)
-        tmp = gather_object([tmp])[0] if acc.num_processes > 1 else tmp
+        if acc.num_processes > 1:
+            tmp = gather_object([tmp])[0]
+            check_every_rank_sees(tmp, [], "writing the checkpoint")
         torch.save(ckpt.rng_state(), os.path.join(tmp, f"rng_rank{acc.process_index}.pt"))
+        weights = None
+        if sharded:  # each process's shards (DCP) and the whole weights, gathered to rank 0
+            save_sharded(tmp, model, optimizer)
+            weights = full_state_dict(model)
+        extra_everywhere = sharded and getattr(task, "saves_on_every_rank", False)
+        if extra_everywhere:
+            task.save_extra(tmp)  # gathers its own sharded state; rank 0 writes
         final = ""
         if acc.is_main_process:
-            ckpt.write_weights(tmp, acc.unwrap_model(model).state_dict())
-            state = {"step": step, "epoch": epoch, "optimizer": optimizer.state_dict(),
-                     "world_size": acc.num_processes, "batch_size": self.cfg.batch_size,
-                     "grad_accum": self.cfg.grad_accum}
+            ckpt.write_weights(tmp, weights if sharded else acc.unwrap_model(model).state_dict())
+            state = {"step": step, "epoch": epoch, "world_size": acc.num_processes,
+                     "batch_size": self.cfg.batch_size, "grad_accum": self.cfg.grad_accum,
+                     "sharding": "fsdp" if sharded else "ddp"}
+            if not sharded:  # (sharded: the optimizer state is in the DCP shards)
+                state["optimizer"] = optimizer.state_dict()
             if acc.scaler is not None:
                 state["grad_scaler"] = acc.scaler.state_dict()
             torch.save(state, os.path.join(tmp, "training_state.pt"))
-            self.write_meta_and_extra(task, tmp, step, epoch)
+            self.write_meta_and_extra(task, tmp, step, epoch, extra=not extra_everywhere)
         acc.wait_for_everyone()
         if acc.is_main_process:
             final = ckpt.commit(self.ckpt_root, tmp, step, self.cfg.keep_checkpoints)
@@ -63,13 +79,13 @@ class RunFiles:
         return final
 
     def write_meta_and_extra(self, task, folder: str, step: int, epoch: int,
-                             **extra_meta: Any) -> None:
+                             extra: bool = True, **extra_meta: Any) -> None:
         meta = {"uta_version": __version__, "meta_schema": ckpt.META_SCHEMA, "step": step,
                 "epoch": epoch, "task": task.name, "recipe": self.cfg.recipe,
                 **task.checkpoint_meta(), **extra_meta}
         atomic_write_json(os.path.join(folder, "meta.json"), meta, final_newline=False)
         save_extra = getattr(task, "save_extra", None)
-        if save_extra is not None:
+        if save_extra is not None and extra:
             save_extra(folder)
 
     def resume_source(self, resume: str) -> str | None:
@@ -95,15 +111,33 @@ class RunFiles:
         return None
 
     def save_best(self, task, model: nn.Module, step: int, epoch: int, best: dict) -> None:
-        """Main process only: weights, extra state and meta (no optimizer state: the best
-        checkpoint is for evaluation and export, resuming uses the step-named ones)."""
+        """Weights, extra state and meta (no optimizer state: the best checkpoint is for
+        evaluation and export, resuming uses the step-named ones), written by the main process.
+        A sharded model is gathered first, so then every process calls this."""
+        sharded = is_sharded(model)
+        weights = full_state_dict(model) if sharded else None
+        extra_everywhere = sharded and getattr(task, "saves_on_every_rank", False)
+        staged = self.best_dir + ".extra"
+        if extra_everywhere:  # the task's gathered state, staged beside the best folder
+            if self.acc.is_main_process:
+                shutil.rmtree(staged, ignore_errors=True)
+                os.makedirs(staged)
+            self.acc.wait_for_everyone()
+            task.save_extra(staged)
+        if not self.acc.is_main_process:
+            return
         os.makedirs(self.ckpt_root, exist_ok=True)
         # Directories cannot be replaced in one rename: the old one is moved aside first, so
         # that some complete best checkpoint exists at every moment (load_best reads either).
         with atomic_path(self.best_dir, aside=self.best_dir + ".old") as tmp:
-            os.makedirs(tmp)
-            ckpt.write_weights(tmp, self.acc.unwrap_model(model).state_dict())
-            self.write_meta_and_extra(task, tmp, step, epoch, best=best)
+            if extra_everywhere:
+                os.replace(staged, tmp)
+            else:
+                os.makedirs(tmp)
+            ckpt.write_weights(tmp, weights if sharded else
+                               self.acc.unwrap_model(model).state_dict())
+            self.write_meta_and_extra(task, tmp, step, epoch, extra=not extra_everywhere,
+                                      best=best)
         mirror = mirror_of(self.run_dir)
         if mirror is not None:  # a run directory at a URL
             mirror.push_best(self.best_dir)

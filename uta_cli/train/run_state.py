@@ -12,6 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from uta_cli.progress import StepProgress
 from uta_cli.train.data_wait import DataWaitWatch
@@ -63,8 +64,12 @@ def digest_u64(values: torch.Tensor) -> int:
 
 
 def weights_digest(model: nn.Module) -> str:
+    """A digest of the whole weights (a sharded model's are gathered one tensor at a time, so
+    every process must call it)."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -98,7 +98,8 @@ def check_distributed_type(kind) -> None:
             f"only under plain data parallelism (DDP). Launch with DDP instead: `accelerate "
             f"launch --multi_gpu --num_processes N -m uta_cli ...` or `torchrun "
             f"--nproc_per_node N -m uta_cli ...`, or run `accelerate config` again and choose "
-            f"no FSDP/DeepSpeed/Megatron.")
+            f"no FSDP/DeepSpeed/Megatron. To shard the student over the GPUs, use uta's own "
+            f"FSDP2 sharding with such a launch: --set train.sharding=fsdp.")
 
 
 def run_directory(output_dir: str, default_name: str) -> str:

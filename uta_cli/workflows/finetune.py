@@ -53,6 +53,7 @@ from uta_cli.tasks.demo_teacher import ensure_demo_teacher
 from uta_cli.tasks.tuning_data import DataSpec, first_samples, open_data, train_source
 from uta_cli.train.engine import Engine
 from uta_cli.train.setup import engine_config, make_accelerator, run_directory
+from uta_cli.train.sharding import check_sharding, shard_model, wants_sharding
 
 TASKS = ("classification", "contrastive")
 
@@ -68,6 +69,12 @@ def check_recipe(recipe: Recipe) -> None:
                             f"task: classification or task: contrastive (add the line to the "
                             f"recipe, or --set task=classification); pre-training is "
                             f"`uta pretrain`.")
+    check_sharding(r.train.sharding, r.train.precision)
+    if r.train.sharding == "fsdp" and r.task == "contrastive":
+        raise UtaUsageError("train.sharding=fsdp covers pre-training and classification "
+                            "fine-tuning; contrastive tuning (its text tower and the "
+                            "features gathered for ClipLoss) runs with DDP. Use --set "
+                            "train.sharding=ddp.")
     if r.student.init:
         raise UtaUsageError("student.init is pre-training's warm start; `uta finetune` starts "
                             f"from `init`. Use --set init={r.student.init} instead.")
@@ -383,6 +390,9 @@ def run_finetune(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         task = build_classification(recipe, start, acc, say)
     else:
         task, reference = build_contrastive(recipe, start, acc, say)
+    if recipe.task == "classification" and wants_sharding(recipe.train.sharding):
+        task.shard(lambda m: shard_model(m, recipe.train.precision))
+        say(f"[dim]model sharded over {acc.num_processes} processes (FSDP2)[/dim]")
     cfg = engine_config(recipe)  # the engine writes config.yaml (or config.<step>.yaml)
     cfg.val_at_start = recipe.finetune.val_at_start
     cfg.best_metric = best_metric_for(recipe)

@@ -35,10 +35,11 @@ from uta_cli.masks.generate import MaskSpec, validate_mask_spec
 from uta_cli.models.student import UTAStudent, fit_training_parts
 from uta_cli.models.teacher import load_teacher
 from uta_cli.recipe import Recipe
-from uta_cli.tasks.alignment import AlignmentTask
+from uta_cli.tasks.alignment import AlignmentTask, use_compile
 from uta_cli.tasks.demo_teacher import ensure_demo_teacher, zeroshot_demo
 from uta_cli.train.engine import Engine
 from uta_cli.train.setup import engine_config, make_accelerator, run_directory
+from uta_cli.train.sharding import check_sharding, shard_model, wants_sharding
 
 
 def describe(recipe: Recipe) -> Table:
@@ -89,6 +90,7 @@ def check_recipe(recipe: Recipe) -> None:
             "sees every token already"
         raise UtaUsageError(f"schedule.unmasked_steps is for objective uta: {recipe.objective} "
                             f"{why} when nothing is masked. Set schedule.unmasked_steps=0.")
+    check_sharding(recipe.train.sharding, recipe.train.precision)
     grid = recipe.student.image_size // recipe.student.patch_size
     validate_mask_spec(MaskSpec(**dataclasses.asdict(recipe.mask)), (grid, grid))
     check_decode(recipe.data.decode)
@@ -184,18 +186,26 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         say(f"[dim]{escape(zeroshot.describe())}[/dim]")
     task = AlignmentTask(recipe, student, teacher, source, val_source,
                          {v.name: v for v in views}, grid_note, zeroshot=zeroshot)
+    sharded = wants_sharding(recipe.train.sharding)
+    if sharded:  # checkpointing is set above; then compile, then shard (torchtitan's order)
+        shard_model(student, recipe.train.precision,
+                    compile_blocks=use_compile(recipe.train.compile, acc.device))
+        say(f"[dim]student sharded over {world} processes (FSDP2); the teacher is "
+            f"replicated[/dim]")
 
     engine = Engine(engine_config(recipe), acc, run_dir)  # writes config.yaml (or .<step>.yaml)
     result = engine.fit(task, resume=resume, label=f"{recipe.objective.upper()} pre-training",
                         allow_changes=allow_changes)
     summary = {"run_dir": run_dir, "step": result["step"], "checkpoint": result["checkpoint"],
                "val": result["val"]}
-    if recipe.eval.zeroshot == "demo" and main:
+    # (a sharded student's forwards are collectives: every process runs the report)
+    if recipe.eval.zeroshot == "demo" and (main or sharded):
         if demo_val is None:
             _, demo_val = demo_splits(recipe.demo.train_images, recipe.demo.val_images,
                                       recipe.demo.data_seed)
         summary["zeroshot"] = demo_zeroshot_report(result["model"], teacher, views, demo_val,
-                                                   engine, result["step"], console,
+                                                   engine, result["step"],
+                                                   console if main else Console(quiet=True),
                                                    recipe.objective)
     engine.close()
     acc.wait_for_everyone()
