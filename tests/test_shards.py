@@ -173,6 +173,30 @@ def test_list_and_tar_sources(tmp_path):
     assert all(min(s["jpg"].size) == 12 for s in again)
 
 
+def test_fsspec_folder_source_gives_the_same_shards(tmp_path):
+    """An image folder on an fsspec filesystem (memory://, as s3:// or gs:// would be) gives
+    the shards the local copy gives, byte for byte."""
+    import fsspec
+
+    make_source(tmp_path / "src", per_class=(2, 1))
+    mem = fsspec.filesystem("memory")
+    mem.put(str(tmp_path / "src"), "/uta-shards-src", recursive=True)
+    try:
+        opts = ms.ShardOptions(short_side=24, shard_size=4, shuffle=True)
+        remote = ms.make_shards("memory://uta-shards-src", str(tmp_path / "remote"), opts)
+        local = ms.make_shards(str(tmp_path / "src"), str(tmp_path / "local"), opts)
+    finally:
+        mem.rm("/uta-shards-src", recursive=True)
+    for split in ("train", "val"):
+        for key in ("samples", "skipped", "shards", "classes"):
+            assert remote["splits"][split][key] == local["splits"][split][key]
+    assert remote["splits"]["train"]["skipped"] == 1
+    for split in ("train", "val"):
+        for name in os.listdir(tmp_path / "local" / split):
+            assert (tmp_path / "remote" / split / name).read_bytes() == \
+                (tmp_path / "local" / split / name).read_bytes()
+
+
 def test_pretrain_finetune_and_zeroshot_read_the_output(tmp_path, tiny_clip_dir):
     """OUT/<split> as data.source (the sample count from the manifest) and as --dataset (the
     class names from it)."""
