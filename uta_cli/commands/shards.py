@@ -37,8 +37,8 @@ def shards(
     class, the source, the options, this command). Each sample is KEY.jpg plus KEY.cls (label)
     and/or KEY.txt (caption).
 
-    Images stored at a short side of 256 px feed each loader worker about 1.5x more images per
-    second than ImageNet-size originals and 2.8x more than 1024x768 ones (benchmarks/data.py).
+    Images stored at a short side of 256 px feed each loader worker 1.4-1.8x more images per
+    second than ImageNet-size originals and 2.5-3x more than 1024x768 ones (benchmarks/data.py).
     uta pretrain and uta finetune read OUT/<split> as data.source (the sample count comes from
     the manifest); uta zeroshot reads --dataset OUT --split val, or OUT/val. A rerun of the same
     command resumes (finished shards are kept); other options are refused. Unreadable images
