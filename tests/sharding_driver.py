@@ -19,9 +19,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from uta_cli import checkpoint as ckpt
+from uta_cli.errors import UtaUsageError
 from uta_cli.models.student import UTAStudent
 from uta_cli.recipe import StudentConfig, load_recipe
-from uta_cli.train.sharded_state import load_sharded
+from uta_cli.train.sharded_state import check_every_rank_sees, load_sharded
 from uta_cli.train.sharding import full_state_dict, shard_model
 from uta_cli.workflows.finetune import run_finetune
 from uta_cli.workflows.pretrain import run_pretrain
@@ -90,7 +91,22 @@ def phase_resume(out: str, sets: dict) -> None:
     resumed = os.path.join(out, "tune_fsdp_resumed")
     run_finetune(recipe, output_dir=resumed,
                  resume=os.path.join(tuned, "checkpoints", ckpt.step_dirname(2)))
-    done(out, "resume", {})
+    done(out, "resume", {"blind": blind_process_message(out)})
+
+
+def blind_process_message(out: str) -> str:
+    """A checkpoint folder that process 1 cannot see (a disk local to another node, simulated
+    by a folder only rank 0 names): every process stops with the same message, none hangs."""
+    rank = dist.get_rank()
+    folder = os.path.join(out, f"only_rank{rank}")
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    dist.barrier()
+    try:
+        check_every_rank_sees(folder, [], "writing the checkpoint")
+    except UtaUsageError as e:
+        return str(e)
+    return ""
 
 
 def done(out: str, phase: str, result: dict) -> None:

@@ -209,6 +209,13 @@ def test_an_fsdp_run_zero_shots_and_exports_as_a_ddp_run(runs, tmp_path):
     assert exported.stat().st_size > 0
 
 
+def test_a_process_that_cannot_see_the_checkpoint_folder_stops_every_process(runs):
+    out, _ = runs
+    with open(out / "resume.json") as f:
+        message = json.load(f)["blind"]
+    assert "process 1 cannot see" in message and "every process reaches" in message
+
+
 def test_bad_sharding_settings_are_refused(tiny_clip_dir):
     from uta_cli.workflows.finetune import check_recipe as check_finetune
     from uta_cli.workflows.pretrain import check_recipe as check_pretrain
