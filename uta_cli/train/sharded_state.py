@@ -61,10 +61,11 @@ def check_every_rank_sees(folder: str, names: list[str], doing: str) -> None:
     if blind:
         who = "; ".join(f"process {r} cannot see {', '.join(m[:3])}" for r, m in blind.items())
         raise UtaUsageError(
-            f"While {doing} {folder}: {who}. Sharded checkpoints (train.sharding=fsdp) are "
-            f"written and read by every process, so the run directory must be one that every "
-            f"process reaches: a filesystem shared by all nodes (NFS, Lustre, a mounted "
-            f"bucket). Pass such a --output-dir, or run on one node.")
+            f"While {doing} {folder}: {who}. Every process writes into the checkpoint folder "
+            f"(its RNG state; with train.sharding=fsdp its shards, which every process reads "
+            f"back on resume), so the run directory must be one that every process reaches: "
+            f"a filesystem shared by all nodes (NFS, Lustre, a mounted bucket). Pass such a "
+            f"--output-dir, or run on one node.")
 
 
 def save_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
