@@ -72,8 +72,8 @@ def check_recipe(recipe: Recipe) -> None:
     check_sharding(r.train.sharding, r.train.precision)
     if r.train.sharding == "fsdp" and r.task == "contrastive":
         raise UtaUsageError("train.sharding=fsdp covers pre-training and classification "
-                            "fine-tuning; contrastive tuning (its text tower and the "
-                            "features gathered for ClipLoss) runs with DDP. Use --set "
+                            "fine-tuning; contrastive tuning runs with DDP (FSDP2 cannot shard "
+                            "the CLIP's scalar logit_scale parameter). Use --set "
                             "train.sharding=ddp.")
     if r.student.init:
         raise UtaUsageError("student.init is pre-training's warm start; `uta finetune` starts "
