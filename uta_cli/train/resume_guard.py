@@ -21,8 +21,8 @@ SAFE_CHANGES = ("name", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim
                 "schedule.steps", "schedule.epochs", "schedule.warmup_steps",
                 "schedule.warmup_epochs", "train.precision", "train.log_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.val_every",
-                "train.grad_checkpointing", "train.compile", "train.sharding", "data.num_workers",
-                "data.decode", "data.val_source", "data.val_samples", "eval.")
+                "train.report_to", "train.grad_checkpointing", "train.compile", "train.sharding",
+                "data.num_workers", "data.decode", "data.val_source", "data.val_samples", "eval.")
 # Never compared: where the run is written; the teacher is compared by fingerprint instead.
 _IGNORED = ("train.output_dir",)
 _TEACHER_LOCATION = ("teacher.model", "teacher.weights")
