@@ -73,6 +73,10 @@ def test_flatten_gives_scalars_only():
     space, values = tracking.scalars({"event": "val", "step": 3, "val_loss": 0.5, "ok": True,
                                       "name": "x"})
     assert space == "val" and values == {"val/val_loss": 0.5}
+    # a NaN metric (top-5 of fewer than five classes) is meaningless: no point is sent for it
+    _, values = tracking.scalars({"event": "zeroshot", "step": 3, "zeroshot_acc1": 0.5,
+                                  "zeroshot_acc5": float("nan")})
+    assert values == {"zeroshot/zeroshot_acc1": 0.5}
     assert tracking.scalars({"event": "end", "step": 3, "x": 1.0}) == (None, {})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from uta_cli.evaluate.per_process import (
 )
 from uta_cli.evaluate.zeroshot import (
     build_classifier,
+    classification_metrics,
     evaluate,
     resolve_templates,
     retrieval_metrics,
@@ -498,6 +500,39 @@ def test_tar_shards_equal_the_same_images_as_a_folder(setup, tmp_path):
     few.write_text("a\nb\n")
     result = zs(*args, "--dataset", spec, "--classnames", few, "--workers", "0")
     assert result.exit_code == 2 and "only 2 class names" in " ".join(result.stderr.split())
+
+
+def test_top5_is_nan_below_five_classes_as_clip_benchmark():
+    """CLIP_benchmark's zero-shot rule: top-5 only with at least five classes, else NaN. It is
+    the one rule of the linear probe, zero-shot classification, fine-tuning validation and
+    zero-shot while training (all go through classification_metrics)."""
+    labels = torch.tensor([0, 1, 2, 3, 3])
+    topk = torch.tensor([[1, 0, 2, 3], [0, 2, 3, 1], [2, 0, 1, 3], [0, 1, 2, 3], [3, 0, 1, 2]])
+    m = classification_metrics(labels, topk, 4)
+    assert math.isnan(m["acc5"]) and m["per_class_top5"] == [None] * 4
+    assert m["acc1"] == pytest.approx(2 / 5) and m["per_class_top1"] == [0, 0, 1, 1]
+    five = classification_metrics(labels, torch.cat([topk, torch.full((5, 1), 4)], 1), 5)
+    assert five["acc5"] == 1.0 and five["per_class_top5"] == [1, 1, 1, 2, 0]
+    assert math.isnan(evaluate(lambda x: x, [(torch.eye(3), torch.arange(3))],
+                               torch.eye(3))["acc5"])
+
+
+def test_top5_of_three_classes_is_null_in_json_and_na_in_the_table(setup, tmp_path):
+    data = tmp_path / "three"
+    for c in sorted(os.listdir(setup["data"]))[:3]:
+        shutil.copytree(os.path.join(setup["data"], c), data / c)
+    result = zs("--ckpt", setup["run"], "--teacher", "--dataset", data, "--templates",
+                setup["templates"], "--workers", "0", "--output-json", tmp_path / "o.json",
+                "--per-class", tmp_path / "c.csv")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "o.json").read_text()
+    assert "NaN" not in text  # strict JSON: null, not a bare NaN
+    out = json.loads(text)
+    assert out["acc5"] is None and out["metrics"]["acc5"] is None
+    assert out["teacher_result"]["acc5"] is None and out["acc1"] is not None
+    assert sum("n/a" in line for line in result.stdout.splitlines()) == 2  # student, teacher
+    csv_lines = (tmp_path / "c.csv").read_text().splitlines()
+    assert "student_top5_correct" in csv_lines[0] and csv_lines[1].endswith(",")  # empty cell
 
 
 def test_fsspec_urls_give_the_same_result_as_local_paths(setup, tmp_path):

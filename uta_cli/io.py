@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -68,7 +69,21 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def atomic_write_json(path: str, data, indent: int = 1, final_newline: bool = True) -> None:
-    atomic_write_text(path, json.dumps(data, indent=indent) + ("\n" if final_newline else ""))
+    atomic_write_text(path, json.dumps(json_safe(data), indent=indent)
+                      + ("\n" if final_newline else ""))
+
+
+def json_safe(value):
+    """`value` with NaN and infinities as None: JSON has no NaN (json.dumps would write a bare
+    NaN token, which strict readers such as jq and JavaScript refuse); a meaningless metric,
+    e.g. top-5 of fewer than five classes, is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,3 +78,11 @@ def progress_bar(console: Console, enabled: bool, total: int | None,
                           highlight=False)
 
     yield advance
+
+
+def metric_text(value, spec: str = ".4f") -> str:
+    """A metric in a table or progress line; n/a where it is meaningless (None, NaN): top-5 of
+    fewer than five classes."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)

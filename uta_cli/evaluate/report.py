@@ -13,7 +13,9 @@ from rich.table import Table
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.evaluate.zeroshot import RECALL_KS
+from uta_cli.io import json_safe
 from uta_cli.outputs import open_output
+from uta_cli.progress import metric_text
 
 
 @dataclass
@@ -40,7 +42,7 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
                     "samples"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for name, e in rows:
-            table.add_row(name, f"{e['lp_acc1']:.4f}", f"{e['lp_acc5']:.4f}",
+            table.add_row(name, f"{e['lp_acc1']:.4f}", metric_text(e['lp_acc5']),
                           f"{e['lp_mean_per_class_recall']:.4f}",
                           f"{e['probe']['weight_decay']:.2e}", str(e["num_samples"]))
         console.print(table)
@@ -50,7 +52,7 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
         for col in ("model", "top-1", "top-5", "mean per-class recall", "samples", "skipped"):
             table.add_column(col, justify="left" if col == "model" else "right")
         for name, e in rows:
-            table.add_row(name, f"{e['acc1']:.4f}", f"{e['acc5']:.4f}",
+            table.add_row(name, f"{e['acc1']:.4f}", metric_text(e['acc5']),
                           f"{e['mean_per_class_recall']:.4f}", str(e["num_samples"]), skipped)
         console.print(table)
         if "teacher_result" in r and r["teacher_result"]["acc1"] > 0:
@@ -84,7 +86,7 @@ def render_table(result: ZeroShotResult, console: Console) -> None:
 def write_json(result: ZeroShotResult, path: str) -> None:
     """A local path or an fsspec URL (memory://, s3://, ...), written whole or not at all."""
     with open_output(path) as f:
-        json.dump(result.report, f, indent=1)
+        json.dump(json_safe(result.report), f, indent=1)
 
 
 def dataset_slug(name: str) -> str:
@@ -111,7 +113,7 @@ def write_per_model_json(result: ZeroShotResult, pattern: str) -> list[str]:
         path = pattern.replace("{dataset}", slug).replace("{model}", model)
 
         with open_output(path) as f:
-            json.dump(report, f, indent=1)
+            json.dump(json_safe(report), f, indent=1)
         paths.append(path)
     return paths
 
@@ -133,8 +135,8 @@ def render_summary(results: list[ZeroShotResult], console: Console) -> None:
         cells = []
         for role in roles:
             e = r if role == "student" else r["teacher_result"]
-            cells.append(f"{e['acc1']:.4f} ({e['acc5']:.4f})" if classification else
-                         f"{e['lp_acc1']:.4f} ({e['lp_acc5']:.4f})" if probe else
+            cells.append(f"{e['acc1']:.4f} ({metric_text(e['acc5'])})" if classification else
+                         f"{e['lp_acc1']:.4f} ({metric_text(e['lp_acc5'])})" if probe else
                          f"{e['image_retrieval_recall@1']:.4f} / "
                          f"{e['text_retrieval_recall@1']:.4f}")
         table.add_row(escape(r["dataset"]), *cells, str(r["num_samples"]))

@@ -339,7 +339,13 @@ class Predictions:
 def classification_metrics(labels: torch.Tensor, topk: torch.Tensor,
                            num_classes: int) -> dict:
     """acc1, acc5, mean per-class recall (balanced accuracy over the classes present, as
-    CLIP_benchmark), num_samples, and per-class sample / top-1 / top-5 counts."""
+    CLIP_benchmark), num_samples, and per-class sample / top-1 / top-5 counts.
+
+    Top-5 follows CLIP_benchmark's zero-shot rule (`len(classes) >= 5`, else NaN): with fewer
+    than five classes every label is among the top 5 and top-5 would read 1.0, so acc5 is NaN
+    (JSON null, n/a in tables) and the per-class top-5 counts are None. (CLIP_benchmark's linear
+    probe tests `target.max() >= 5` instead, which depends on which labels the test split
+    holds; one rule, on the number of classes, serves all four uses here.)"""
     labels = labels.long().cpu()
     topk = topk.long().cpu()
     n = len(labels)
@@ -350,11 +356,13 @@ def classification_metrics(labels: torch.Tensor, topk: torch.Tensor,
     top5 = torch.bincount(labels[hit5], minlength=num_classes)
     seen = count > 0
     recall = (top1[seen].double() / count[seen].double()).mean().item() if seen.any() else 0.0
+    top5_meaningful = num_classes >= 5
     return {"acc1": hit1.double().mean().item() if n else 0.0,
-            "acc5": hit5.double().mean().item() if n else 0.0,
+            "acc5": (hit5.double().mean().item() if n else 0.0) if top5_meaningful
+            else float("nan"),
             "mean_per_class_recall": recall, "num_samples": n,
             "per_class_count": count.tolist(), "per_class_top1": top1.tolist(),
-            "per_class_top5": top5.tolist()}
+            "per_class_top5": top5.tolist() if top5_meaningful else [None] * num_classes}
 
 
 @torch.no_grad()
@@ -369,7 +377,8 @@ def evaluate(encode_image: Callable[[torch.Tensor], torch.Tensor],
         tops.append(logits.topk(min(5, num_classes), dim=-1).indices.cpu())
         labels.append(y.cpu())
     if not labels:
-        return {"acc1": 0.0, "acc5": 0.0, "mean_per_class_recall": 0.0, "num_samples": 0}
+        return {"acc1": 0.0, "acc5": 0.0 if num_classes >= 5 else float("nan"),
+                "mean_per_class_recall": 0.0, "num_samples": 0}
     m = classification_metrics(torch.cat(labels), torch.cat(tops), num_classes)
     return {k: m[k] for k in ("acc1", "acc5", "mean_per_class_recall", "num_samples")}
 

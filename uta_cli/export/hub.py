@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -229,8 +230,12 @@ def _public(name) -> str:
     return name
 
 
-def _fmt(v) -> str:
-    return f"{100 * v:.2f}" if isinstance(v, (int, float)) else "-"
+def _fmt(v, absent: str = "-") -> str:
+    """A metric in percent; n/a for NaN (meaningless: top-5 of fewer than five classes), `absent`
+    for anything else (a JSON report writes that NaN as null)."""
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return f"{100 * v:.2f}"
+    return "n/a" if isinstance(v, float) else absent
 
 
 def model_card(repo_id: str, meta: dict, metadata: dict, teacher_model: str,
@@ -298,7 +303,8 @@ def model_card(repo_id: str, meta: dict, metadata: dict, teacher_model: str,
             m, t = r["metrics"], r.get("teacher_metrics") or {}
             first = m.get("acc1", m.get("image_retrieval_recall@1"))
             lines.append(f"| {r['dataset']} | {r['task']} | {_fmt(first)} | "
-                         f"{_fmt(m.get('acc5'))} | {_fmt(m.get('mean_per_class_recall'))} | "
+                         f"{_fmt(m.get('acc5'), 'n/a' if 'acc5' in m else '-')} | "
+                         f"{_fmt(m.get('mean_per_class_recall'))} | "
                          f"{_fmt(t.get('acc1'))} | {r.get('num_samples') or '-'} | "
                          f"{r['source']} |")
         lines.append("")

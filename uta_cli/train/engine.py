@@ -36,7 +36,8 @@ from uta_cli.errors import (
     UtaUsageError,
     is_out_of_memory,
 )
-from uta_cli.progress import StepProgress
+from uta_cli.io import json_safe
+from uta_cli.progress import StepProgress, metric_text
 from uta_cli.train.data_wait import DataWaitWatch
 from uta_cli.train.resume_guard import ResumeChanges, check_resume, flatten, parse_allow_changes
 from uta_cli.train.run_files import RunFiles
@@ -110,7 +111,7 @@ class Engine:
     def log_metrics(self, record: dict) -> None:
         if self.acc.is_main_process:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(json_safe(record)) + "\n")
             if self.trackers is not None:
                 self.trackers.log(record)
 
@@ -408,7 +409,8 @@ class Engine:
             self.log_metrics({"event": getattr(task, "eval_event", "eval"), "step": step,
                               "epoch": round(step / steps_per_epoch, 4),
                               "train_s": round(self.train_s, 3), **result})
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+            shown = "  ".join(f"{k} {metric_text(v)}" for k, v in result.items()
+                              if isinstance(v, float))
             self.eval_note = f"  {shown}"
             progress.print(f"{getattr(task, 'eval_event', 'eval')} at step {step}: {shown}")
         return result
@@ -426,7 +428,7 @@ class Engine:
                 self.log_metrics({"event": "val", "step": step,
                                   "epoch": round(step / steps_per_epoch, 4),
                                   "train_s": round(self.train_s, 3), **result})
-                progress.print("validation: " + "  ".join(f"{k} {v:.4f}" for k, v in
+                progress.print("validation: " + "  ".join(f"{k} {metric_text(v)}" for k, v in
                                                          result.items()))
             metric = self.cfg.best_metric
             if metric and metric in result:

@@ -12,6 +12,7 @@ import atexit
 import importlib.util
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -67,9 +68,11 @@ def scalars(record: dict) -> tuple[str | None, dict[str, float]]:
     if event not in NAMESPACES:
         return None, {}
     space = NAMESPACES[event]
+    # A NaN metric is meaningless (top-5 of fewer than five classes): trackers get no point
+    # for it rather than a NaN that plots as a gap or breaks their summaries.
     values = {f"{space}/{k}": float(v) for k, v in record.items()
               if k not in ("step", "event") and isinstance(v, (int, float))
-              and not isinstance(v, bool)}
+              and not isinstance(v, bool) and math.isfinite(v)}
     return space, values
 
 

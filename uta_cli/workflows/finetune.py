@@ -39,6 +39,7 @@ from uta_cli.loading.starts import Start, load_open_clip_init, load_timm_backbon
 from uta_cli.models.release import ReleaseTextTower
 from uta_cli.models.student import UTAStudent
 from uta_cli.models.teacher import CLIPTeacher, load_teacher, teacher_tokenizer
+from uta_cli.progress import metric_text
 from uta_cli.recipe import Recipe
 from uta_cli.tasks.classification import (
     ClassificationModel,
@@ -432,7 +433,7 @@ def report(recipe: Recipe, summary: dict, console: Console) -> None:
     table.add_column(f"step {first.get('step', 0)}", justify="right")
     table.add_column(f"step {summary['step']}", justify="right")
     for k in keys:
-        table.add_row(k, f"{first[k]:.4f}" if k in first else "-", f"{last[k]:.4f}")
+        table.add_row(k, metric_text(first[k]) if k in first else "-", metric_text(last[k]))
     for k, v in (summary.get("reference") or {}).items():
         if k.endswith("acc1"):
             table.add_row(f"{k} (CLIP teacher)", f"{v:.4f}", f"{v:.4f}")
