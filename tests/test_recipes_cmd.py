@@ -80,8 +80,8 @@ def test_pretrain_dry_run_checks_and_trains_nothing(tmp_path, tiny_clip_dir, mon
     from uta_cli.train import tracking as tracking
 
     monkeypatch.setattr(tracking.importlib.util, "find_spec", lambda name, *a: None)
-    no_extra = cli("pretrain", "demo", "--dry-run", *sets(base + ["train.report_to=[aim]"]))
-    assert no_extra.exit_code == 2 and "uta-cli[aim]" in no_extra.output
+    no_extra = cli("pretrain", "demo", "--dry-run", *sets(base + ["train.report_to=[wandb]"]))
+    assert no_extra.exit_code == 2 and "uta-cli[wandb]" in no_extra.output
     monkeypatch.undo()
     # after a run, the dry run says where it would resume
     assert cli("pretrain", "demo", "--output-dir", run_dir,

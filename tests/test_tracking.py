@@ -92,6 +92,14 @@ def test_a_tracker_that_is_not_installed_is_exit_2_naming_the_extra(tmp_path, ti
     bad = pretrain(tmp_path / "b", tiny_overrides(tiny_clip_dir, steps=2, **{
         "train.report_to": "[tensorbord]"}))
     assert bad.exit_code == 2 and "tensorboard" in bad.output
+    # MLflow and aim are not offered: exit 2 naming the trackers that are, before any work
+    for name in ("mlflow", "aim"):
+        gone = pretrain(tmp_path / name, tiny_overrides(tiny_clip_dir, steps=2, **{
+            "train.report_to": f"[{name}]"}))
+        text = " ".join(gone.output.split())
+        assert gone.exit_code == 2 and "'tensorboard', 'wandb'" in text, gone.output
+        assert name in text and "Traceback" not in text
+        assert not (tmp_path / name).exists()
 
 
 def wandb_records(path):

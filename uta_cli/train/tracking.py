@@ -3,7 +3,7 @@
 metrics.jsonl is always written; each record also goes to every tracker named in the recipe:
 training steps under train/, validation under val/, zero-shot under zeroshot/, the best value
 under best/, at the record's step. The resolved recipe is logged once as hyper-parameters,
-flattened to dotted keys with scalar values (what TensorBoard's hparams and MLflow accept).
+flattened to dotted keys with scalar values (what TensorBoard's hparams accept).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from uta_cli.errors import UtaUsageError
 log = logging.getLogger(__name__)
 
 # tracker -> the module it needs (and the extra of the same name that installs it)
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}
 # metrics.jsonl event -> tracker namespace; records of other events (end, resume) are not sent
 NAMESPACES = {None: "train", "val": "val", "zeroshot": "zeroshot", "best": "best",
               "eval": "eval"}
@@ -87,12 +87,8 @@ class Trackers:
             cls = LOGGER_TYPE_TO_CLASS[name]
             if name == "tensorboard":
                 tracker = cls(run_name, os.path.join(run_dir, "tensorboard"))
-            elif name == "wandb":  # WANDB_MODE=offline keeps it on disk, in the run directory
+            else:  # wandb; WANDB_MODE=offline keeps it on disk, in the run directory
                 tracker = cls(run_name, dir=run_dir, name=os.path.basename(run_dir))
-            elif name == "mlflow":
-                tracker = cls(run_name, logging_dir=os.path.join(run_dir, "mlruns"))
-            else:  # aim
-                tracker = cls(run_name, logging_dir=run_dir)
             tracker.start()
             tracker.store_init_configuration(hparams)
             self.trackers.append(tracker)
