@@ -20,14 +20,22 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import register_model
+from timm.models.vitamin import VitCfg, VitConvCfg
 
 # real trunk name -> what changes (head dim kept: 64 for B and L, 112 for E)
 SHRINK = {
     "eva02_base_patch16_clip_224": dict(depth=2, embed_dim=192, num_heads=3),
     "eva02_large_patch14_clip_224": dict(depth=2, embed_dim=256, num_heads=4),
     "eva02_enormous_patch14_clip_224": dict(depth=2, embed_dim=448, num_heads=4),
-    # SigLIP's trunk (attention-pool head), for the refusal test only
+    # the trunks of refused families (test_teacher_families), at their real structure
     "vit_base_patch16_siglip_224": dict(depth=1, embed_dim=64, num_heads=1),
+    "vit_pe_core_base_patch16_224": dict(depth=1, embed_dim=64, num_heads=1),
+    "vit_medium_patch16_gap_256": dict(depth=1, embed_dim=64, num_heads=1),
+    "fastvit_mci1": dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64)),
+    "swin_base_patch4_window7_224": dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2)),
+    "vitamin_small_224": dict(embed_dim=64, depth=1, num_heads=1, embed_cfg=VitCfg(
+        embed_dim=(16, 32, 64), depths=(1, 1, 1), stem_width=16,
+        conv_cfg=VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6), head_type="1d")),
 }
 
 

@@ -7,6 +7,7 @@ at its real size, EVA02-L-14 shrunk to 2 narrow blocks of the same trunk (tests/
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import open_clip
@@ -15,6 +16,7 @@ import timm
 import torch
 from conftest import write_clip_folder
 from eva_teachers import SHRUNK_NAMES, shrunk_teacher_folder, write_open_clip_folder
+from safetensors.torch import save_file
 
 from uta_cli.errors import UtaUsageError
 from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, load_teacher, teacher_tokenizer
@@ -106,48 +108,81 @@ def _tiny_text():
     return {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}
 
 
-# Same tower structure as the open_clip family, tiny: name -> open_clip model_cfg
+def _timm_tower(trunk: str, pool: str = "", proj: str = "linear", size: int = 64) -> dict:
+    return {"embed_dim": 32, "vision_cfg": {"image_size": size, "timm_model_name": trunk,
+                                            "timm_pool": pool, "timm_proj": proj},
+            "text_cfg": _tiny_text()}
+
+
+# Every refused family of the README's teacher table, its open_clip tower structure at a tiny
+# size: name -> (open_clip model_cfg, what the refusal says). timm trunks are the real entry
+# points, narrowed (tests/eva_teachers.py registers them as <name>_shrunk).
 REFUSED = {
-    "RN50": {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1],
-                                             "width": 16}, "text_cfg": _tiny_text()},
-    "convnext_base": {"embed_dim": 32, "vision_cfg": {
-        "image_size": 64, "timm_model_name": "convnext_atto", "timm_pool": "",
-        "timm_proj": "linear"}, "text_cfg": _tiny_text()},
-    "ViT-bigG-14-CLIPA": {"embed_dim": 32, "vision_cfg": {
+    # attention-pool towers
+    "ViT-B-16-SigLIP": (_timm_tower(SHRUNK_NAMES["vit_base_patch16_siglip_224"], "map", "none",
+                                    32), "attention pool"),
+    "ViT-B-16-SigLIP2": (_timm_tower(SHRUNK_NAMES["vit_base_patch16_siglip_224"], "map", "none",
+                                     32), "attention pool"),
+    "PE-Core-B-16": (_timm_tower(SHRUNK_NAMES["vit_pe_core_base_patch16_224"], "map", "none",
+                                 32), "attention pool"),
+    "coca_ViT-B-32": ({"embed_dim": 32, "custom_text": True, "vision_cfg": {
         "image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
-        "pool_type": "avg", "no_ln_pre": True}, "text_cfg": _tiny_text()},
-    "ViT-B-16-SigLIP": {"embed_dim": 32, "vision_cfg": {
-        "image_size": 32, "timm_model_name": "vit_base_patch16_siglip_224", "timm_pool": "map",
-        "timm_proj": "none"}, "text_cfg": _tiny_text()},
+        "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+        "text_cfg": {**_tiny_text(), "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {**_tiny_text(), "attn_pooler_heads": 1}}, "attention pool"),
+    # mean-pool towers
+    "ViT-bigG-14-CLIPA": ({"embed_dim": 32, "vision_cfg": {
+        "image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+        "pool_type": "avg", "no_ln_pre": True}, "text_cfg": _tiny_text()}, "'avg' pooling"),
+    "vit_medium_patch16_gap_256": (_timm_tower(SHRUNK_NAMES["vit_medium_patch16_gap_256"],
+                                               size=32), "'avg' pooling"),
+    "MobileCLIP-S1": (_timm_tower(SHRUNK_NAMES["fastvit_mci1"], "avg", "none"), "not a ViT"),
+    # convolutional and hierarchical towers
+    "RN50": ({"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1],
+                                              "width": 16}, "text_cfg": _tiny_text()},
+             "ModifiedResNet"),
+    "convnext_base": (_timm_tower("convnext_atto"), "not a ViT"),
+    "swin_base_patch4_window7_224": (_timm_tower(SHRUNK_NAMES["swin_base_patch4_window7_224"],
+                                                 size=224), "not a ViT"),
+    "ViTamin-S": (_timm_tower(SHRUNK_NAMES["vitamin_small_224"], size=224), "'avg' pooling"),
 }
 
 
-@pytest.mark.parametrize("family", sorted(REFUSED))
-def test_towers_without_a_cls_token_are_refused_by_name(tmp_path, family):
-    cfg = copy.deepcopy(REFUSED[family])
-    if family == "ViT-B-16-SigLIP":  # SigLIP's trunk, one narrow block
-        cfg["vision_cfg"]["timm_model_name"] = SHRUNK_NAMES["vit_base_patch16_siglip_224"]
-    folder = write_clip_folder(tmp_path / family, cfg) if "timm_model_name" not in \
-        cfg["vision_cfg"] else write_open_clip_folder(tmp_path / family, cfg)
-    with pytest.raises(UtaUsageError, match=f"local-dir:{folder}' cannot be a UTA teacher"):
-        load_teacher(f"local-dir:{folder}", "")
+def _write_refused(folder, cfg: dict) -> str:
+    if "multimodal_cfg" in cfg:  # CoCa: open_clip builds it from a custom_text config as well
+        torch.manual_seed(0)
+        model = open_clip.CoCa(**{k: v for k, v in cfg.items() if k != "custom_text"})
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "open_clip_config.json"), "w") as f:
+            json.dump({"model_cfg": cfg, "preprocess_cfg": {"size": 32}}, f)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  os.path.join(folder, "open_clip_model.safetensors"))
+        return str(folder)
+    if "timm_model_name" in cfg["vision_cfg"]:
+        return write_open_clip_folder(folder, cfg)
+    return write_clip_folder(folder, cfg)
 
 
-def test_refused_teacher_is_exit_2_naming_it_without_traceback(tmp_path):
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_refused_teacher_family_is_exit_2_naming_it_without_traceback(tmp_path, family):
+    """Through the CLI: exit 2, the teacher's name and why, no traceback, nothing written."""
     from typer.testing import CliRunner
 
     from uta_cli.app import app
 
-    folder = write_clip_folder(tmp_path / "rn", REFUSED["RN50"])
+    cfg, why = REFUSED[family]
+    folder = _write_refused(tmp_path / family, copy.deepcopy(cfg))
     result = CliRunner().invoke(app, [
         "pretrain", "demo", "--output-dir", str(tmp_path / "run"),
         "--set", f"teacher.model=local-dir:{folder}", "--set", "teacher.weights=",
         "--set", "data.source=demo"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
     if result.exception and not isinstance(result.exception, SystemExit):
         raise result.exception
+    text = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    assert f"local-dir:{folder}" in result.output and "ModifiedResNet" in result.output
+    assert f"local-dir:{folder}' cannot be a UTA teacher" in text and why in text, text
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_hugging_face_tokenizer_offline_is_a_usage_error_naming_what_is_missing():

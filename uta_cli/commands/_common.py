@@ -29,7 +29,9 @@ err_console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def cli_errors(memory_hint: str = "lower data.batch_size and raise train.grad_accum"):
+def cli_errors(memory_hint: str = "lower data.batch_size (raise train.grad_accum to keep the "
+               "global batch), train in bf16 (train.precision=bf16) or turn on activation "
+               "checkpointing (train.grad_checkpointing=true)"):
     """Map known failures to exit codes: bad usage/input 2, training failures 1.
 
     memory_hint: what to change when memory runs out outside the training loop (which names its

@@ -35,7 +35,13 @@ from uta_cli.errors import UtaUsageError
 from uta_cli.io import atomic_write_json
 from uta_cli.models import student as student_module
 from uta_cli.models.student import UTAStudent
-from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, file_fingerprint
+from uta_cli.models.teacher import (
+    BAD_CONFIG,
+    CLIPTeacher,
+    TeacherIdentity,
+    bad_input,
+    file_fingerprint,
+)
 from uta_cli.recipe import StudentConfig
 
 CONFIG = "open_clip_config.json"
@@ -296,9 +302,9 @@ def load_folder(folder: str):
     with _loadable(folder, _trunk_dir(folder, read_config(folder))) as path:
         try:
             clip = open_clip.create_model("local-dir:" + path)
-        except Exception as e:  # open_clip and timm raise assorted types for bad folders
+        except BAD_CONFIG as e:  # open_clip and timm raise assorted types for bad folders
             raise UtaUsageError(f"open_clip cannot load {folder}: {type(e).__name__}: "
-                                f"{e}") from None
+                                f"{bad_input(e)}") from None
     visual = clip.visual
     proj = getattr(getattr(visual, "head", None), "proj", None)
     if not isinstance(proj, torch.nn.Linear) or proj.bias is None:

@@ -25,7 +25,7 @@ from torch import nn
 from uta_cli.errors import UtaUsageError
 from uta_cli.models.eva_clip import EVA_CLIP_MARKS, file_layout
 from uta_cli.models.student import UTAStudent
-from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
+from uta_cli.models.teacher import BAD_FILE, TeacherIdentity, bad_input, file_fingerprint
 from uta_cli.recipe import StudentConfig
 
 FORMATS = ("auto", "uta", "uta-release")
@@ -150,8 +150,8 @@ def read_state(path: str) -> dict[str, torch.Tensor]:
     mmap = zipfile.is_zipfile(path)  # torch's zip format; legacy pickles cannot be mmapped
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # truncated zips, arbitrary pickles, unsafe globals: all unreadable
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except BAD_FILE as e:  # truncated zips, arbitrary pickles, unsafe globals: all unreadable
+        first = str(bad_input(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UtaUsageError(f"{path} is not a readable UTA release: torch.load(weights_only=True) "
                             f"failed ({type(e).__name__}: {first[:200]}). The file may be "
                             f"truncated (re-download it) or not a torch checkpoint.") from None

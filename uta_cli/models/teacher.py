@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 
 import open_clip
@@ -19,14 +20,29 @@ import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer as OpenClipViT
+from safetensors import SafetensorError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from uta_cli.errors import UtaUsageError
+from uta_cli.errors import UtaUsageError, is_out_of_memory
 from uta_cli.models.attention import attention_problem, cls_patch_attention
 from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
 
 log = logging.getLogger(__name__)
+
+# What open_clip, timm, safetensors and torch raise when the user's files are at fault: a missing
+# or damaged file, a config that does not build, weights of other shapes (exit 2). Anything else
+# is a bug and keeps its traceback (exit 1); out of memory, a RuntimeError too, is re-raised for
+# the command line's out-of-memory message (`bad_input`).
+BAD_CONFIG = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+BAD_FILE = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def bad_input(error: BaseException) -> BaseException:
+    """`error`, caught as one of the named types above, unless memory ran out: then raise it."""
+    if is_out_of_memory(error):
+        raise error
+    return error
 
 
 @dataclass
@@ -103,8 +119,9 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         name = model = "local-dir:" + folder
         try:
             clip = open_clip.create_model(name)
-        except Exception as e:  # open_clip raises assorted types for bad folders
-            raise UtaUsageError(f"Cannot load the teacher from {folder}: {e}") from None
+        except BAD_CONFIG as e:  # open_clip raises assorted types for bad folders
+            raise UtaUsageError(f"Cannot load the teacher from {folder}: {bad_input(e)}"
+                                ) from None
         fingerprint = file_fingerprint(wfile)
     else:
         if open_clip.get_model_config(model) is None:
@@ -121,9 +138,10 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
             fingerprint = f"tag:{model}:{weights}"
             try:
                 clip = open_clip.create_model(model, pretrained=weights)
-            except Exception as e:
+            except (OSError, ValueError, RuntimeError) as e:  # offline, not found, damaged
                 raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': "
-                                    f"{e}. Offline? Use a local weights file instead of a hub "
+                                    f"{bad_input(e)}. Offline? Use a local weights file instead "
+                                    f"of a hub "
                                     f"tag.") from None
         else:
             raise UtaUsageError(
@@ -149,7 +167,7 @@ def hf_cache_folder(repo_id: str) -> str:
 
     try:
         return snapshot_download(repo_id, local_files_only=True)
-    except Exception as e:  # not cached, or a malformed name
+    except (OSError, ValueError) as e:  # not cached (an OSError), or a malformed name
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UtaUsageError(
             f"teacher.model hf-hub:{repo_id} is not in the local Hugging Face cache ({first}). "
@@ -171,8 +189,8 @@ def clip_from_file(model: str, path: str) -> tuple[nn.Module, str]:
 
     try:
         state = load_state_dict(path)  # safetensors or torch (weights_only); unwraps
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    except BAD_FILE as e:
+        first = (str(bad_input(e)).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UtaUsageError(f"Cannot read the teacher weights {path} ({type(e).__name__}: "
                             f"{first}). Is it a complete open_clip or EVA-CLIP weights file?"
                             ) from None
