@@ -27,6 +27,7 @@ from torch import nn
 from uta_cli.errors import UtaUsageError, is_out_of_memory
 from uta_cli.models.attention import attention_problem, cls_patch_attention
 from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
+from uta_cli.models.fingerprint import whole_file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class TeacherIdentity:
     # open_clip's eval resize (shortest | longest | squash); runs recorded before it load as
     # "shortest", open_clip's default.
     resize_mode: str = "shortest"
+    # SHA-256 of the whole weights file ("sha256:<hex>"; models/fingerprint.py); "" for a hub
+    # tag and in runs recorded before it, which are compared by weights_fingerprint alone.
+    weights_sha256: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -122,7 +126,7 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         except BAD_CONFIG as e:  # open_clip raises assorted types for bad folders
             raise UtaUsageError(f"Cannot load the teacher from {folder}: {bad_input(e)}"
                                 ) from None
-        fingerprint = file_fingerprint(wfile)
+        fingerprint, sha256 = file_fingerprint(wfile), whole_file_sha256(wfile)
     else:
         if open_clip.get_model_config(model) is None:
             raise UtaUsageError(
@@ -132,17 +136,16 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
             raise _missing_weights_error(model)
         model_cfg = open_clip.get_model_config(model)
         if os.path.isfile(weights):
-            fingerprint = file_fingerprint(weights)
+            fingerprint, sha256 = file_fingerprint(weights), whole_file_sha256(weights)
             clip, layout = clip_from_file(model, weights)
         elif weights in open_clip.list_pretrained_tags_by_model(model):
-            fingerprint = f"tag:{model}:{weights}"
+            fingerprint, sha256 = f"tag:{model}:{weights}", ""
             try:
                 clip = open_clip.create_model(model, pretrained=weights)
             except (OSError, ValueError, RuntimeError) as e:  # offline, not found, damaged
                 raise UtaUsageError(f"Cannot load teacher '{model}' with weights '{weights}': "
                                     f"{bad_input(e)}. Offline? Use a local weights file instead "
-                                    f"of a hub "
-                                    f"tag.") from None
+                                    f"of a hub tag.") from None
         else:
             raise UtaUsageError(
                 f"teacher.weights '{weights}' is neither a file, a folder, nor a known tag of "
@@ -157,7 +160,8 @@ def load_clip(model: str, weights: str) -> tuple[nn.Module, TeacherIdentity]:
         mean=[float(m) for m in pp.get("mean", open_clip.OPENAI_DATASET_MEAN)],
         std=[float(s) for s in pp.get("std", open_clip.OPENAI_DATASET_STD)],
         interpolation=str(pp.get("interpolation", "bicubic")), model_cfg=model_cfg,
-        weights_layout=layout, resize_mode=str(pp.get("resize_mode") or "shortest"))
+        weights_layout=layout, resize_mode=str(pp.get("resize_mode") or "shortest"),
+        weights_sha256=sha256)
     return clip, identity
 
 

@@ -2,10 +2,13 @@
 
 A resumed run must be the run that was started: same recipe, same launch. `check_resume` compares
 the resolved recipe and the launch (number of processes, batch, accumulation) with what the
-checkpoint recorded, and the teacher by its weights fingerprint (so moved weights still resume).
-Any difference is a usage error naming the keys, unless the user allows it explicitly with
-`--allow-changes KEY[,KEY]`, which only the keys of SAFE_CHANGES accept (they change how a run
-goes on, not what it has learned so far).
+checkpoint recorded, and the teacher by what it is rather than where it lies: its weights
+(the whole-file SHA-256 where both sides have it, else the cheap fingerprint) and its
+architecture (open_clip config, input size, weights layout), so moved weights still resume but
+another architecture on the same file does not. Any difference is a usage error naming the keys,
+unless the user allows it explicitly with `--allow-changes KEY[,KEY]`, which only the keys of
+SAFE_CHANGES accept (they change how a run goes on, not what it has learned so far); `teacher`
+accepts any change of the teacher.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from typing import Any
 from uta_cli.errors import UtaUsageError
 from uta_cli.recipe import Recipe, recipe_to_dict
 
+TEACHER = "teacher"  # --allow-changes teacher: another teacher (weights or architecture)
+# The teacher's architecture as its identity records it, compared on resume.
+TEACHER_ARCHITECTURE = ("model_cfg", "image_size", "weights_layout")
 # Keys a user may change on resume with --allow-changes (a key ending in "." covers a section).
 SAFE_CHANGES = ("name", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip",
                 "schedule.steps", "schedule.epochs", "schedule.warmup_steps",
                 "schedule.warmup_epochs", "train.precision", "train.log_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.val_every",
                 "train.report_to", "train.grad_checkpointing", "train.compile", "train.sharding",
-                "data.num_workers", "data.decode", "data.val_source", "data.val_samples", "eval.")
+                "data.num_workers", "data.decode", "data.val_source", "data.val_samples", "eval.",
+                TEACHER)
 # Never compared: where the run is written; the teacher is compared by fingerprint instead.
 _IGNORED = ("train.output_dir",)
 _TEACHER_LOCATION = ("teacher.model", "teacher.weights")
@@ -82,7 +89,40 @@ def parse_allow_changes(values: list[str] | tuple[str, ...] | str) -> list[str]:
 
 
 def _is_safe(key: str) -> bool:
-    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_CHANGES)
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE_CHANGES) or \
+        key.startswith(TEACHER + ".")  # every teacher key: --allow-changes teacher
+
+
+def teacher_differences(old: dict, new: dict) -> dict[str, list[Any]] | None:
+    """What differs between two recorded teachers, as {"teacher.<what>": [old, new]}; None
+    where they cannot be compared by content (a checkpoint without a weights fingerprint): the
+    recipe's teacher.model and teacher.weights are compared then.
+
+    Weights: by the whole-file SHA-256 where both sides have it, else by the cheap fingerprint
+    (checkpoints written before the SHA-256, compared as they always were). Architecture: the
+    open_clip config (flattened, so the message names e.g. quick_gelu), the input size and the
+    weights layout, each where the checkpoint recorded it."""
+    fp_old, fp_new = old.get("weights_fingerprint"), new.get("weights_fingerprint")
+    if not (fp_old and fp_new):
+        return None
+    diffs: dict[str, list[Any]] = {}
+    sha_old, sha_new = old.get("weights_sha256"), new.get("weights_sha256")
+    if sha_old and sha_new:
+        if sha_old != sha_new:
+            diffs["teacher.weights_sha256"] = [sha_old, sha_new]
+    elif fp_old != fp_new:
+        diffs["teacher.weights_fingerprint"] = [fp_old, fp_new]
+    for key in TEACHER_ARCHITECTURE:
+        if key not in old or key not in new or old[key] == new[key]:
+            continue
+        if isinstance(old[key], dict) and isinstance(new[key], dict):
+            a, b = flatten(old[key]), flatten(new[key])
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    diffs[f"teacher.{key}.{k}"] = [a.get(k, "(unset)"), b.get(k, "(unset)")]
+        else:
+            diffs[f"teacher.{key}"] = [old[key], new[key]]
+    return diffs
 
 
 def _allowed(key: str, allow: list[str]) -> bool:
@@ -105,13 +145,11 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
     takes the same samples of the epoch.
     """
     ignored = set(_IGNORED)
-    fp_old = (old_teacher or {}).get("weights_fingerprint")
-    fp_new = (new_teacher or {}).get("weights_fingerprint")
-    diffs: dict[str, list[Any]] = {}
-    if fp_old and fp_new:
+    diffs = teacher_differences(old_teacher or {}, new_teacher or {})
+    if diffs is not None:
         ignored |= set(_TEACHER_LOCATION)  # the same weights may have moved
-        if fp_old != fp_new:
-            diffs["teacher (weights fingerprint)"] = [fp_old, fp_new]
+    else:
+        diffs = {}
     old, new = flatten(old_recipe), flatten(new_recipe)
     # A key the checkpoint's recipe lacks was added since; that run used its default (the
     # variants' keys, e.g. align.*, default to what every run did before they existed).
@@ -142,7 +180,8 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
     if refused or problems:
         lines = [f"  {k}: {_short(v[0])} -> {_short(v[1])}" for k, v in refused.items()]
         lines += [f"  {p}" for p in problems]
-        keys = [k for k in refused if _is_safe(k)]
+        keys = list(dict.fromkeys(TEACHER if _allowed(k, [TEACHER]) else k
+                                  for k in refused if _is_safe(k)))
         hint = (f" If the change is intended, allow it: --allow-changes {','.join(keys)}."
                 if keys and len(keys) == len(refused) and not problems else "")
         raise UtaUsageError(
