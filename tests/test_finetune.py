@@ -408,19 +408,36 @@ def test_pretrain_student_init_from_uta_checkpoints(full_run, tuned, uta_ckpt, t
 _TWO_PROC = """
 import sys
 from uta_cli.workflows.finetune import run_finetune
+from uta_cli.workflows.pretrain import run_pretrain
 from uta_cli.recipe import load_recipe
 init, out = sys.argv[1], sys.argv[2]
 for name, sets in ({sets!r}).items():
-    run_finetune(load_recipe(name, sets + ["init=" + init]), output_dir=out + "/" + name,
-                 resume="never")
+    run, extra = (run_pretrain, []) if name == "demo" else (run_finetune, ["init=" + init])
+    run(load_recipe(name, sets + extra), output_dir=out + "/" + name, resume="never")
 """
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tmp_path):
+    """One torchrun launch for three checks: fine-tuning (classification, contrastive) on 2
+    processes ends with the weights of 1 process; classification validation, sharded across
+    the processes, gives the figures of 1; and pre-training's validation on tar shards limited
+    to data.val_samples is one set (the first N samples) for 1 or 2 processes (lr 0: the same
+    weights either way, so only the validation set can differ)."""
+    from test_scale import write_shards
+
     common = {**BASE, "schedule.steps": 4, "train.val_every": 0, "finetune.val_at_start": False}
     cls = {**common, "finetune.ema_decay": 0.9, "finetune.layer_decay": 0.6,
            "finetune.label_smoothing": 0.1, "finetune.zeroshot_head": True}
-    runs = {"finetune_demo": cls, "contrastive_demo": dict(common)}
+    write_shards(tmp_path / "val", 3, 3, size=20, uneven=True)  # 3, 4, 5 samples
+    write_shards(tmp_path / "train", 4, 4, size=20, seed=1)
+    teacher = os.path.join(os.path.dirname(uta_ckpt), "clip")
+    pre = dict(s.split("=", 1) for s in tiny_overrides(teacher, steps=1))
+    pre.update({"optim.lr": 0, "train.val_every": 0, "data.num_workers": 2,
+                "data.source": str(tmp_path / "train" / "shard-{00..03}.tar"),
+                "data.samples_per_epoch": 16,
+                "data.val_source": str(tmp_path / "val" / "shard-{00..02}.tar"),
+                "data.val_samples": 5})  # the first shard and 2 of the second
+    runs = {"finetune_demo": cls, "contrastive_demo": dict(common), "demo": pre}
 
     def sets(d, batch):
         return [f"{k}={v}" for k, v in {**d, "data.batch_size": batch}.items()]
@@ -433,9 +450,22 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tm
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+    from uta_cli.pretrain import run_pretrain
+
     for name, d in runs.items():
-        run_finetune(load_recipe(name, sets(d, 8) + [f"init={uta_ckpt}"]),
-                     output_dir=str(tmp_path / "one" / name), resume="never")
+        if name == "demo":
+            run_pretrain(load_recipe(name, sets(d, 8)), output_dir=str(tmp_path / "one" / name),
+                         resume="never")
+        else:
+            run_finetune(load_recipe(name, sets(d, 8) + [f"init={uta_ckpt}"]),
+                         output_dir=str(tmp_path / "one" / name), resume="never")
+        if name != "contrastive_demo":  # (its validation is the main process's zero-shot)
+            val = {n: [r for r in metrics(tmp_path / n / name) if r.get("event") == "val"][-1]
+                   for n in ("one", "two")}
+            keys = sorted(k for k in val["one"] if k.startswith("val_"))
+            assert keys == sorted(k for k in val["two"] if k.startswith("val_")) and keys
+            for k in keys:
+                assert val["two"][k] == pytest.approx(val["one"][k], rel=1e-4, abs=1e-5), k
         one = weights(ckpt.latest_checkpoint(str(tmp_path / "one" / name)))
         two = weights(ckpt.latest_checkpoint(str(tmp_path / "two" / name)))
         assert one.keys() == two.keys()
@@ -601,3 +631,29 @@ def test_classnames_file_in_another_order_maps_to_the_folders(tmp_path):
     data = open_data(recipe, EvalTransform([view]), EvalTransform([view]), 0, 1)
     assert data.classnames == ["rot", "gruen", "blau"]
     assert "'blue thing' -> 'rot'" in data.classnames_note
+
+
+def test_classification_validation_is_read_by_every_process_a_share_each(tmp_path):
+    """Each process validates its share (the sums are reduced, test above): the shares of 3
+    processes are disjoint and together the whole validation set, in folders and tar shards."""
+    from test_scale import write_shards
+
+    from uta_cli.data import ArrayImageDataset, EvalTransform, View, open_dataset
+    from uta_cli.finetune import _eval_batches
+    from uta_cli.finetune_data import DataSpec
+    from uta_cli.tasks.classification import ClassificationTask
+
+    assert ClassificationTask.validates_on_every_rank
+    tf = EvalTransform([View("image", 16, (0.5,) * 3, (0.5,) * 3)])
+    rng = np.random.default_rng(0)
+    write_shards(tmp_path, 4, 3, size=16)
+    for val in (ArrayImageDataset(rng.integers(0, 255, (13, 16, 16, 3), dtype=np.uint8),
+                                  np.arange(13) % 3, tf),
+                open_dataset(str(tmp_path / "shard-{00..03}.tar"), "auto", tf)):
+        data = DataSpec(None, val, None, 3, [], "folder", "")
+        recipe = recipe_for("classification", "scratch", **{"data.num_workers": 0})
+        shares = [[int(i) for b in _eval_batches(recipe, data, tf, rank, 3)()
+                   for i in b["sample_id"]] for rank in range(3)]
+        whole = [int(i) for b in _eval_batches(recipe, data, tf)() for i in b["sample_id"]]
+        assert all(shares) and sorted(sum(shares, [])) == sorted(whole)
+        assert len(whole) == len(set(whole)) == (13 if isinstance(val, ArrayImageDataset) else 12)

@@ -116,3 +116,19 @@ def test_whole_file_hash_is_sha256_of_every_byte_and_cached_per_machine(tmp_path
     assert fingerprint.whole_file_sha256(str(path)) == "sha256:x" and reads == [str(path)]
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert fingerprint.whole_file_sha256(str(path)) == "sha256:x" and len(reads) == 1
+
+
+DEALT = "tar shards are dealt to processes and loader workers shard by shard"
+
+
+def test_loader_workers_on_tar_shards_change_only_at_an_epoch_boundary():
+    """data.num_workers deals tar shards to workers: mid-epoch (the data's problem is set) it is
+    refused with the message of a changed number of processes, even when allowed; at an epoch
+    boundary (no problem) --allow-changes data.num_workers accepts it."""
+    old, new = {"data": {"num_workers": 4}}, {"data": {"num_workers": 2}}
+    allow = parse_allow_changes("data.num_workers")
+    with pytest.raises(UtaUsageError) as err:
+        guard(old, new, allow=allow, world_change_problem=DEALT)
+    assert DEALT in str(err.value)
+    assert guard(old, new, allow=allow).changes == {"data.num_workers": [4, 2]}
+    assert guard(old, old, world_change_problem=DEALT).changes == {}  # unchanged: fine

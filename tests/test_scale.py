@@ -94,6 +94,30 @@ def test_validation_pass_shards_by_sample_and_by_shard(tmp_path):
         assert sum(1 for ids in seen if ids) >= 3
 
 
+def test_a_limited_tar_validation_set_is_the_first_samples_for_any_number_of_processes(
+        tmp_path):
+    """data.val_samples on tar shards: the first N samples in shard-list order, dealt to the
+    processes by shard, whatever their number and their loader workers."""
+    from uta_cli.data import EvalTransform, MaskCollator, Source, View, open_dataset
+    from uta_cli.tar_shards import sample_id_for
+
+    write_shards(tmp_path, 3, 3, size=16, uneven=True)  # 3, 4, 5 samples
+    spec = str(tmp_path / "shard-{00..02}.tar")
+    in_order = [sample_id_for(str(tmp_path / f"shard-{s:02d}.tar"), f"s{s}_{i:03d}")
+                for s, n in enumerate((3, 4, 5)) for i in range(n)]
+    views = [View("student", 16, (0.5,) * 3, (0.5,) * 3)]
+    for limit in (5, 7, 100):
+        for world, workers in ((1, 0), (1, 2), (2, 2), (3, 1)):
+            ids = []
+            for rank in range(world):
+                ds = open_dataset(spec, "auto", EvalTransform(views))
+                source = Source(ds, ds.transform, MaskCollator(None, (2, 2), 0), 4, workers, 0,
+                                rank, world, shuffle=False, drop_last=False, evaluation=True,
+                                limit=limit)
+                ids += [int(i) for b in source.one_pass() for i in b["sample_id"]]
+            assert sorted(ids) == sorted(in_order[:limit]), (limit, world, workers)
+
+
 def test_metrics_reduce_over_the_union_of_keys():
     """A process that logged only `loss` (all its images unreadable) still takes part in the
     same reductions; means count only the micro-steps that reported a metric."""
@@ -312,6 +336,10 @@ def test_tar_shards_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path
     with pytest.raises(UtaUsageError, match="tar shards are dealt"):
         pretrain(tmp_path / "cut", [s for s in sets if not s.startswith("data.batch_size")] +
                  ["data.batch_size=4"])
+    # so is another number of loader workers, even when allowed: they deal the shards too
+    with pytest.raises(UtaUsageError, match="tar shards are dealt"):
+        pretrain(tmp_path / "cut", sets + ["data.num_workers=1"],
+                 allow_changes=["data.num_workers"])
     resumed = subprocess.run(_torchrun(tmp_path / "cut", sets), capture_output=True, text=True,
                              timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

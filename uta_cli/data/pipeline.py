@@ -9,7 +9,7 @@ uninterrupted run would, ranks see disjoint samples, and the number of workers c
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import random
 import zlib
@@ -25,7 +25,7 @@ from uta_cli.data.folders import (
     collate_skip_none,
     index_image_folder,
 )
-from uta_cli.data.shard_resume import tar_stream
+from uta_cli.data.shard_resume import count_tar_records, tar_stream
 from uta_cli.data.shard_writer import manifest_samples
 from uta_cli.data.shards import TarShardDataset
 from uta_cli.data.transforms import (
@@ -136,16 +136,34 @@ def _seed_of(*parts) -> int:
 
 
 class _ShardPass(torch.utils.data.IterableDataset):
-    """One pass over some shards of a tar-shard dataset, split among the DataLoader workers."""
+    """One pass over some shards of a tar-shard dataset, split among the DataLoader workers;
+    of a shard with a cap, only its first `cap` records are read (None: all of them)."""
 
-    def __init__(self, tar, shards: list[str]):
+    def __init__(self, tar, shards: list[tuple[str, int | None]]):
         self.tar, self.shards = tar, shards
 
     def __iter__(self) -> Iterator[dict | None]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for shard, key, fields in self.tar._records(self.shards[worker::workers]):
-            yield self.tar._decode(shard, key, fields)
+        for shard, cap in self.shards[worker::workers]:
+            for _, key, fields in itertools.islice(self.tar._read_shard(shard), cap):
+                yield self.tar._decode(shard, key, fields)
+
+
+def first_records(tar, limit: int) -> list[tuple[str, int | None]]:
+    """The shards that hold the first `limit` samples of `tar` in shard-list order, as
+    (shard, records to read; None = all): the same list on every process, whatever their
+    number, so a limited validation set is one set. Records are counted from the tar headers
+    (nothing decoded), shard by shard until `limit` is reached."""
+    out: list[tuple[str, int | None]] = []
+    left = limit
+    for shard in tar.shards:
+        n = count_tar_records(tar, shard)
+        out.append((shard, None if n <= left else left))
+        left -= min(n, left)
+        if left <= 0:
+            break
+    return out
 
 
 class Source:
@@ -206,8 +224,10 @@ class Source:
 
         Folders and in-memory data: samples rank, rank + world, ...; tar shards: shards rank,
         rank + world, ..., read by min(num_workers, those shards) workers, so fewer shards than
-        processes x workers is fine (a process without a shard reads nothing). With `limit`,
-        each process reads at most its share, ceil(limit / world), of a tar-shard source.
+        processes x workers is fine (a process without a shard reads nothing). With `limit`, a
+        tar-shard source is its first `limit` samples in shard-list order (`first_records`),
+        those shards dealt to the processes as above: one validation set for any number of
+        processes (a folder's limit is applied by the caller, its first `limit` images).
         """
         self.transform.set_epoch(0)
         self.collator.epoch = 0
@@ -216,21 +236,13 @@ class Source:
             yield from DataLoader(self.dataset, sampler=range(self.rank, len(self.dataset),
                                                               self.world), **kwargs)
             return
-        mine = self.dataset.shards[self.rank::self.world]
+        shards = first_records(self.dataset, self.limit) if self.limit > 0 else \
+            [(s, None) for s in self.dataset.shards]
+        mine = shards[self.rank::self.world]
         if not mine:
             return
         kwargs["num_workers"] = min(self.num_workers, len(mine))
-        left = math.ceil(self.limit / self.world) if self.limit > 0 else None
-        for batch in DataLoader(_ShardPass(self.dataset, mine), **kwargs):
-            if left is not None:
-                if left <= 0:
-                    return
-                n = len(batch.get("sample_id", ()))
-                if n > left:
-                    batch = {k: (v[:left] if isinstance(v, (torch.Tensor, list)) else v)
-                             for k, v in batch.items()}
-                left -= n
-            yield batch
+        yield from DataLoader(_ShardPass(self.dataset, mine), **kwargs)
 
 
 def epoch_samples(source: str, configured: int) -> int:

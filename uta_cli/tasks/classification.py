@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 import os
 import random
 import re
@@ -306,9 +307,14 @@ class ClassificationTask:
         if self.ema is not None:
             self.ema.update(model, step=step)
 
+    # The engine calls validate on every process: each reads its share of the validation set
+    # (val_batches) and the sums are reduced, as pre-training's validation.
+    validates_on_every_rank = True
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Top-1, top-5 and the (unsmoothed) loss of `model` on the validation data."""
+        """Top-1, top-5 and the (unsmoothed) loss of `model` on the validation data: this
+        process's share, summed over all processes."""
         was_training = model.training
         model.eval()
         labels, tops, loss_sum = [], [], 0.0
@@ -325,10 +331,23 @@ class ClassificationTask:
                 tops.append(logits.topk(k, dim=-1).indices.cpu())
                 labels.append(y.cpu())
         model.train(was_training)
-        if not labels:
+        hit1 = hit5 = n = 0.0
+        if labels:
+            m = classification_metrics(torch.cat(labels), torch.cat(tops), self.num_classes)
+            n, hit1 = m["num_samples"], sum(m["per_class_top1"])
+            hit5 = sum(m["per_class_top5"]) if not math.isnan(m["acc5"]) else math.nan
+        # (hits, loss, samples) summed over processes in float64: per-image means, so the
+        # sharding changes nothing but rounding
+        totals = torch.tensor([hit1, hit5, loss_sum, n], dtype=torch.float64)
+        acc = self.accelerator
+        if acc is not None and acc.num_processes > 1:
+            totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+        hit1, hit5, loss, n = totals.tolist()
+        if n == 0:
             return {}
-        m = classification_metrics(torch.cat(labels), torch.cat(tops), self.num_classes)
-        return {"acc1": m["acc1"], "acc5": m["acc5"], "loss": loss_sum / max(1, m["num_samples"])}
+        if self.num_classes < 5:  # CLIP_benchmark's rule, whichever process saw no image
+            hit5 = math.nan
+        return {"acc1": hit1 / n, "acc5": hit5 / n, "loss": loss / n}
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         if self.val_batches is None:

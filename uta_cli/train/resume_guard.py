@@ -142,7 +142,8 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
     old_launch/new_launch: {"world_size", "batch_size", "grad_accum"}. Another number of
     processes, batch or accumulation is accepted when the global batch (batch x processes x
     accumulation) is kept and the data allows it (`world_change_problem` empty): each step then
-    takes the same samples of the epoch.
+    takes the same samples of the epoch. The data's problem refuses another data.num_workers
+    too, even when allowed: on tar shards mid-epoch the workers deal the shards.
     """
     ignored = set(_IGNORED)
     diffs = teacher_differences(old_teacher or {}, new_teacher or {})
@@ -161,6 +162,8 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
 
     world = (int(old_launch["world_size"]), int(new_launch["world_size"]))
     problems: list[str] = []
+    if "data.num_workers" in diffs and world_change_problem:
+        problems.append(world_change_problem)
     launch = ("world_size", "batch_size", "grad_accum")
     if any(old_launch[k] != new_launch[k] for k in launch):
         g_old = old_launch["world_size"] * old_launch["batch_size"] * old_launch["grad_accum"]
@@ -179,7 +182,7 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
     refused = {k: v for k, v in diffs.items() if not _allowed(k, allow)}
     if refused or problems:
         lines = [f"  {k}: {_short(v[0])} -> {_short(v[1])}" for k, v in refused.items()]
-        lines += [f"  {p}" for p in problems]
+        lines += [f"  {p}" for p in dict.fromkeys(problems)]
         keys = list(dict.fromkeys(TEACHER if _allowed(k, [TEACHER]) else k
                                   for k in refused if _is_safe(k)))
         hint = (f" If the change is intended, allow it: --allow-changes {','.join(keys)}."

@@ -26,6 +26,8 @@ from uta_cli.data.demo import demo_splits
 from uta_cli.data.pipeline import (
     ArrayImageDataset,
     EvalTransform,
+    MaskCollator,
+    Source,
     View,
 )
 from uta_cli.errors import UtaUsageError
@@ -160,11 +162,17 @@ def student_view(name: str, start: Start, recipe: Recipe) -> View:
 # the two tasks
 
 
-def _eval_batches(recipe: Recipe, data: DataSpec):
+def _eval_batches(recipe: Recipe, data: DataSpec, transform: EvalTransform, rank: int = 0,
+                  world: int = 1):
+    """This process's share of the validation data, one ordered pass per call (all of it with
+    the default world of 1); tar shards limited to their first data.val_samples samples."""
     if data.val is None:
         return None
-    return lambda: eval_loader(data.val, max(recipe.data.batch_size, 64),
-                               recipe.data.num_workers)
+    source = Source(data.val, transform, MaskCollator(None, (1, 1), 0),
+                    max(recipe.data.batch_size, 64), recipe.data.num_workers, 0, rank, world,
+                    shuffle=False, drop_last=False, evaluation=True,
+                    limit=recipe.data.val_samples)
+    return source.one_pass
 
 
 def build_classification(recipe: Recipe, start: Start, acc, say) -> ClassificationTask:
@@ -208,8 +216,8 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
 
     train_tf = RandAugmentTrainTransform(view, tuple(recipe.data.crop_scale), recipe.data.hflip,
                                          recipe.seed, f.randaugment)
-    data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
-                     acc.num_processes)
+    val_tf = EvalTransform([view])
+    data = open_data(recipe, train_tf, val_tf, acc.process_index, acc.num_processes)
     if data.classnames_note:
         say(f"[yellow]{data.classnames_note}[/yellow]")
     if f.zeroshot_head:
@@ -250,7 +258,8 @@ def build_classification(recipe: Recipe, start: Start, acc, say) -> Classificati
             "best checkpoint.[/yellow]")
     return ClassificationTask(model, train_source(recipe, data, train_tf, acc.process_index,
                                                   acc.num_processes),
-                              view, _eval_batches(recipe, data), data.num_classes,
+                              view, _eval_batches(recipe, data, val_tf, acc.process_index,
+                                                  acc.num_processes), data.num_classes,
                               seed=recipe.seed, layer_decay=f.layer_decay,
                               label_smoothing=f.label_smoothing, mixup=mixup,
                               ema_decay=f.ema_decay, ema_warmup=f.ema_warmup, meta=meta)
@@ -286,11 +295,11 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     model = uta_clip(teacher.clip, student, text_locked=f.text_locked)
     train_tf = RandAugmentTrainTransform(view, tuple(recipe.data.crop_scale), recipe.data.hflip,
                                          recipe.seed, f.randaugment)
-    data = open_data(recipe, train_tf, EvalTransform([view]), acc.process_index,
-                     acc.num_processes)
+    val_tf = EvalTransform([view])
+    data = open_data(recipe, train_tf, val_tf, acc.process_index, acc.num_processes)
     if data.classnames_note:
         say(f"[yellow]{data.classnames_note}[/yellow]")
-    batches = _eval_batches(recipe, data)
+    batches = _eval_batches(recipe, data, val_tf)  # the main process validates: all of it
     validate = None
     if batches is not None and data.classnames:
         def validate(clip: nn.Module) -> dict:
