@@ -450,7 +450,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tm
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    from uta_cli.pretrain import run_pretrain
+    from uta_cli.workflows.pretrain import run_pretrain
 
     for name, d in runs.items():
         if name == "demo":
@@ -638,10 +638,10 @@ def test_classification_validation_is_read_by_every_process_a_share_each(tmp_pat
     processes are disjoint and together the whole validation set, in folders and tar shards."""
     from test_scale import write_shards
 
-    from uta_cli.data import ArrayImageDataset, EvalTransform, View, open_dataset
-    from uta_cli.finetune import _eval_batches
-    from uta_cli.finetune_data import DataSpec
+    from uta_cli.data.pipeline import ArrayImageDataset, EvalTransform, View, open_dataset
     from uta_cli.tasks.classification import ClassificationTask
+    from uta_cli.tasks.tuning_data import DataSpec
+    from uta_cli.workflows.finetune import _eval_batches
 
     assert ClassificationTask.validates_on_every_rank
     tf = EvalTransform([View("image", 16, (0.5,) * 3, (0.5,) * 3)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from uta_cli.errors import UtaUsageError
-from uta_cli.resume_guard import check_resume, parse_allow_changes
+from uta_cli.train.resume_guard import check_resume, parse_allow_changes
 
 LAUNCH = {"world_size": 1, "batch_size": 8, "grad_accum": 1}
 

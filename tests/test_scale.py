@@ -98,8 +98,8 @@ def test_a_limited_tar_validation_set_is_the_first_samples_for_any_number_of_pro
         tmp_path):
     """data.val_samples on tar shards: the first N samples in shard-list order, dealt to the
     processes by shard, whatever their number and their loader workers."""
-    from uta_cli.data import EvalTransform, MaskCollator, Source, View, open_dataset
-    from uta_cli.tar_shards import sample_id_for
+    from uta_cli.data.pipeline import EvalTransform, MaskCollator, Source, View, open_dataset
+    from uta_cli.data.shards import sample_id_for
 
     write_shards(tmp_path, 3, 3, size=16, uneven=True)  # 3, 4, 5 samples
     spec = str(tmp_path / "shard-{00..02}.tar")
