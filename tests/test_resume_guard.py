@@ -132,3 +132,12 @@ def test_loader_workers_on_tar_shards_change_only_at_an_epoch_boundary():
     assert DEALT in str(err.value)
     assert guard(old, new, allow=allow).changes == {"data.num_workers": [4, 2]}
     assert guard(old, old, world_change_problem=DEALT).changes == {}  # unchanged: fine
+
+
+def test_a_run_from_before_the_sample_shuffle_resumes_in_its_stored_order_only():
+    old = {"data": {"source": "/shards/{0..9}.tar"}}  # written before data.shuffle_buffer
+    new = {"data": {**old["data"], "shuffle_buffer": 400, "shuffle_interleave": 8}}
+    with pytest.raises(UtaUsageError, match="data.shuffle_buffer: 0 -> 400"):
+        guard(old, new)
+    stored = {"data": {**new["data"], "shuffle_buffer": 0}}
+    assert guard(old, stored).changes == {}

@@ -223,17 +223,20 @@ def test_ranks_draw_different_drop_path_masks_from_the_same_weights():
     assert torch.equal(forward(0, 7), forward(1, 7))
 
 
-def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_path):
+@pytest.mark.parametrize("buffer", [0, 3], ids=["stored-order", "shuffle-buffer"])
+def test_resuming_tar_shards_skips_raw_records_to_exactly_the_same_batches(tmp_path, buffer):
     """batches(epoch, skip=k) of a tar-shard source are the batches after the first k of an
     uninterrupted stream, with 2 loader workers, uneven shards (workers run out at different
-    times) and k past the point where this rank's shards run out and the stream starts over."""
+    times) and k past the point where this rank's shards run out and the stream starts over;
+    with the sample shuffle (a buffer of 3, 2 shards interleaved) too."""
     from uta_cli.data import shard_resume as tar_resume
     from uta_cli.data.pipeline import MaskCollator, Source, TrainTransform, View, open_dataset
 
     write_shards(tmp_path, 5, 3, size=20, uneven=True)  # 3,4,5,3,4 = 19 records
     views = [View("student", 8, (0.5,) * 3, (0.5,) * 3)]
     tf = TrainTransform(views, (0.5, 1.0), True, seed=0)
-    ds = open_dataset(str(tmp_path / "shard-{00..04}.tar"), "auto", tf, rank=0, world=2)
+    ds = open_dataset(str(tmp_path / "shard-{00..04}.tar"), "auto", tf, rank=0, world=2,
+                      shuffle_buffer=buffer, interleave=2)
     source = Source(ds, tf, MaskCollator(None, (1, 1), 0), 2, 2, 0, 0, 2,
                     samples_per_epoch=40)
 
@@ -293,8 +296,9 @@ def _torchrun(run_dir, sets):
 
 def test_tar_shards_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path, tiny_clip_dir):
     """SIGKILL mid-epoch on tar shards (drop path 0.1, 2 loader workers, 2 processes under
-    torchrun, sharded tar validation with fewer shards than processes x workers); the resumed
-    run ends with the weights of the uninterrupted one, bit for bit."""
+    torchrun, sharded tar validation with fewer shards than processes x workers, the sample
+    shuffle on with a buffer smaller than a shard); the resumed run ends with the weights of the
+    uninterrupted one, bit for bit."""
     import signal
     import subprocess
     import time
@@ -309,6 +313,7 @@ def test_tar_shards_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path
     sets = tiny_overrides(tiny_clip_dir, steps=10, **{
         "data.source": str(tmp_path / "train" / "shard-{00..07}.tar"),
         "data.samples_per_epoch": 24, "data.batch_size": 2, "data.num_workers": 2,
+        "data.shuffle_buffer": 3, "data.shuffle_interleave": 2,  # the sample shuffle, bounded
         "student.drop_path": 0.1, "train.checkpoint_every": 4, "train.log_every": 1,
         "data.val_source": str(tmp_path / "val" / "shard-{00..02}.tar"), "data.val_samples": 0,
         "train.val_every": 5})
@@ -437,3 +442,57 @@ def _dir(name):
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info
+
+
+def _class_sorted_shards(folder, classes: int = 2, shards_per_class: int = 4, per_shard: int = 48):
+    """Shards packed class by class, as an ImageNet-style folder is: class 0's shards, then
+    class 1's; each sample a tiny PNG with its .cls label."""
+    os.makedirs(folder, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(png, "PNG")
+    n = 0
+    for c in range(classes):
+        for _ in range(shards_per_class):
+            with tarfile.open(os.path.join(folder, f"shard-{n:02d}.tar"), "w") as tar:
+                for i in range(per_shard):
+                    for ext, data in (("png", png.getvalue()), ("cls", str(c).encode())):
+                        info = tarfile.TarInfo(f"s{n}_{i:03d}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            n += 1
+    return os.path.join(folder, f"shard-{{00..{n - 1:02d}}}.tar")
+
+
+def class_mix(spec, buffer: int, interleave: int = 8, batches: int = 10, workers: int = 0):
+    """The share of class 0 in each of the first `batches` training batches (batch 16)."""
+    from uta_cli.data.pipeline import MaskCollator, Source, TrainTransform, View, open_dataset
+
+    tf = TrainTransform([View("student", 8, (0.5,) * 3, (0.5,) * 3)], (0.5, 1.0), True, seed=0)
+    ds = open_dataset(spec, "auto", tf, seed=0, shuffle_buffer=buffer, interleave=interleave)
+    source = Source(ds, tf, MaskCollator(None, (1, 1), 0), 16, workers, 0, 0, 1,
+                    samples_per_epoch=len(ds.shards) * 48)
+    return [float((b["label"] == 0).float().mean())
+            for b in itertools.islice(source.batches(0), batches)]
+
+
+def test_the_shuffle_buffer_mixes_class_sorted_shards(tmp_path):
+    """Class-sorted shards (class 0 in 4 shards of 48, then class 1 in 4; the global mix is
+    1/2), the first 10 batches of 16: in stored order every batch holds one class; with the
+    shipped shuffle (8 shards interleaved, a buffer of 400) and with a buffer of only 16 they
+    are near 1/2. A buffer smaller than a shard without interleaving stays far from it: why
+    the worker reads several shards at once."""
+    from uta_cli.recipe import DataConfig
+
+    def distance(shares):  # mean |share of class 0 - 1/2| over the batches
+        return float(np.mean([abs(share - 0.5) for share in shares]))
+
+    spec = _class_sorted_shards(tmp_path)
+    stored = class_mix(spec, 0)
+    assert all(share in (0.0, 1.0) for share in stored) and distance(stored) == 0.5
+    shipped = class_mix(spec, DataConfig().shuffle_buffer, DataConfig().shuffle_interleave)
+    assert distance(shipped) < 0.2 and all(0 < share < 1 for share in shipped), shipped
+    small = class_mix(spec, 16, 8)
+    assert distance(small) < 0.2 and all(0 < share < 1 for share in small), small
+    assert distance(class_mix(spec, 16, 1)) > 0.25  # one shard at a time: mostly one class
+    # keyed by (seed, epoch, rank, worker): the same batches again
+    assert class_mix(spec, 16) == small

@@ -252,14 +252,16 @@ def epoch_samples(source: str, configured: int) -> int:
 
 
 def open_dataset(source: str, fmt: str, transform, rank: int = 0, world: int = 1,
-                 seed: int = 0):
-    """An image folder (class folders or flat) or tar shards; labels are kept when present."""
+                 seed: int = 0, shuffle_buffer: int = 0, interleave: int = 8):
+    """An image folder (class folders or flat) or tar shards; labels are kept when present.
+    shuffle_buffer / interleave: tar shards' sample shuffle (TarShardDataset.sample_stream)."""
     kind = detect_format(source, fmt)
     if kind == "demo":
         raise UtaUsageError("The demo source is built by uta_cli.data.demo, not opened from a "
                             "path.")
     if kind == "tar":
-        return TarShardDataset(source, transform, rank=rank, world_size=world, seed=seed)
+        return TarShardDataset(source, transform, rank=rank, world_size=world, seed=seed,
+                               shuffle_buffer=shuffle_buffer, interleave=interleave)
     if not source:
         raise UtaUsageError("data.source is empty. Point it at an image folder, an fsspec URL or "
                             "tar shards, e.g. --set data.source=/data/imagenet/train")

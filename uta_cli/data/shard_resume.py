@@ -2,7 +2,9 @@
 
 Tar shards have no random access, so a resume at batch k replays the DataLoader's round-robin
 over its workers on record counts (read from the tar headers, nothing decoded), then starts each
-worker after the records its batches used: whole shards are passed over unopened.
+worker after the records its batches used: whole shards are passed over unopened. With the
+sample shuffle (data.shuffle_buffer) a worker replays its interleaving and buffer draws on raw
+records (read, never decoded) up to that point instead.
 """
 
 from __future__ import annotations
@@ -30,11 +32,6 @@ def tar_stream(tar, epoch: int, skip: int, batch_size: int, num_workers: int,
     for repeat in itertools.count():
         tar.set_epoch(epoch + repeat * 1_000_003)
         dataset = tar
-        if skip > 0 and tar.shuffle_buffer > 1:  # a sample shuffle: replay it
-            stream = iter(DataLoader(dataset, **loader_kwargs))
-            skip -= sum(1 for _ in itertools.islice(stream, skip))
-            yield from stream
-            continue
         if skip > 0:
             used, counts, done, turn = plan_tar_skip(
                 [dataset.shards_for(w, workers) for w in range(workers)],
@@ -183,6 +180,13 @@ class _ResumedTarShards(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         worker = (worker + self.first_worker) % workers
         shards = self.tar.shards_for(worker, workers)
+        if self.tar.shuffle_buffer > 1:
+            # The shuffle's draws depend on the record count only: replay them on raw records
+            # (read, not decoded) and start after those this worker's batches used.
+            stream = self.tar.sample_stream(shards, worker)
+            for shard, key, fields in itertools.islice(stream, self.used[worker], None):
+                yield self.tar._decode(shard, key, fields)
+            return
         drop, first = self.used[worker], 0
         known = self.counts[worker]
         while first < len(known) and drop >= known[first]:

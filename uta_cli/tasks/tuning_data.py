@@ -148,7 +148,8 @@ def open_data(recipe: Recipe, train_tf, val_tf, rank: int, world: int) -> DataSp
         train = open_caption_file(source, train_tf, recipe.seed)
         found = None
     else:
-        train = open_dataset(source, kind, train_tf, rank, world, recipe.seed)
+        train = open_dataset(source, kind, train_tf, rank, world, recipe.seed,
+                             recipe.data.shuffle_buffer, recipe.data.shuffle_interleave)
         found = manifest_classnames(source) if kind == "tar" else None  # uta shards' output
         if isinstance(train, ImageFolderDataset):
             if not train.index.classes:

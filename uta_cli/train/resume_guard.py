@@ -30,6 +30,10 @@ SAFE_CHANGES = ("name", "optim.lr", "optim.min_lr", "optim.weight_decay", "optim
                 "train.report_to", "train.grad_checkpointing", "train.compile", "train.sharding",
                 "data.num_workers", "data.decode", "data.val_source", "data.val_samples", "eval.",
                 TEACHER)
+# Keys added after runs were written whose default is not what those runs did: a checkpoint
+# without the key is compared with this value instead of the default (so `--set
+# data.shuffle_buffer=0` resumes a tar-shard run started before the sample shuffle existed).
+ADDED_KEYS = {"data.shuffle_buffer": 0}
 # Never compared: where the run is written; the teacher is compared by fingerprint instead.
 _IGNORED = ("train.output_dir",)
 _TEACHER_LOCATION = ("teacher.model", "teacher.weights")
@@ -153,8 +157,9 @@ def check_resume(*, source: str, old_recipe: dict, new_recipe: dict, old_teacher
         diffs = {}
     old, new = flatten(old_recipe), flatten(new_recipe)
     # A key the checkpoint's recipe lacks was added since; that run used its default (the
-    # variants' keys, e.g. align.*, default to what every run did before they existed).
-    defaults = flatten(recipe_to_dict(Recipe())) if old_recipe else {}
+    # variants' keys, e.g. align.*, default to what every run did before they existed), or
+    # the value of ADDED_KEYS where the default is new behaviour.
+    defaults = {**flatten(recipe_to_dict(Recipe())), **ADDED_KEYS} if old_recipe else {}
     for key in sorted(set(old) | set(new)):
         was = old.get(key, defaults.get(key, "(unset)"))
         if key not in ignored and was != new.get(key):

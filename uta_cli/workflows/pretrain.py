@@ -157,7 +157,8 @@ def run_pretrain(recipe: Recipe, output_dir: str = "", resume: str = "auto",
         val_set = ArrayImageDataset(demo_val.images, demo_val.labels, val_tf)
     else:
         train_set = open_dataset(recipe.data.source, recipe.data.format, train_tf, rank, world,
-                                 recipe.seed)
+                                 recipe.seed, recipe.data.shuffle_buffer,
+                                 recipe.data.shuffle_interleave)
         val_set = open_dataset(recipe.data.val_source, "auto", val_tf) \
             if recipe.data.val_source else None
     limit = recipe.data.val_samples  # 0 = all of them
