@@ -141,3 +141,25 @@ def test_a_run_from_before_the_sample_shuffle_resumes_in_its_stored_order_only()
         guard(old, new)
     stored = {"data": {**new["data"], "shuffle_buffer": 0}}
     assert guard(old, stored).changes == {}
+
+
+def test_every_task_on_tar_shards_refuses_another_launch_mid_epoch(tmp_path):
+    """Pre-training, classification and contrastive tuning share the rule: tar shards mid-epoch
+    keep their launch (processes, loader workers, batch), image folders do not need to."""
+    from types import SimpleNamespace
+
+    from test_scale import write_shards
+
+    from uta_cli.data.pipeline import MaskCollator, Source, TrainTransform, View, open_dataset
+    from uta_cli.tasks.alignment import AlignmentTask
+    from uta_cli.tasks.classification import ClassificationTask
+    from uta_cli.tasks.contrastive import ContrastiveTask
+
+    write_shards(tmp_path, 2, 2, size=8)
+    tf = TrainTransform([View("student", 8, (0.5,) * 3, (0.5,) * 3)], (0.5, 1.0), True, seed=0)
+    tar = Source(open_dataset(str(tmp_path / "shard-{00..01}.tar"), "auto", tf), tf,
+                 MaskCollator(None, (1, 1), 0), 2, 0, 0, 0, 1, samples_per_epoch=4)
+    for task in (AlignmentTask, ClassificationTask, ContrastiveTask):
+        fake = SimpleNamespace(source=tar)
+        assert DEALT in task.world_change_problem(fake, 2), task
+        assert task.world_change_problem(fake, 0) == ""  # an epoch boundary

@@ -191,6 +191,19 @@ class Source:
                                 "number of images in one pass (or use schedule.steps).")
         return self.samples_per_epoch // world // global_micro_batch
 
+    def order_change_problem(self, skip: int) -> str:
+        """Why a resume `skip` samples into an epoch cannot go on with another number of
+        processes, loader workers or batch size ("" if it can): tar shards are dealt to
+        processes and loader workers whole, and workers take turns batch by batch, so the rest
+        of the epoch would differ. (Image folders are sampled by index: any launch goes on.)"""
+        if self.iterable and skip > 0:
+            return ("tar shards are dealt to processes and loader workers shard by shard, and "
+                    "the workers take turns batch by batch, so another number of processes, "
+                    "loader workers or batch size would read another rest of this epoch; resume "
+                    "with the checkpoint's processes, data.num_workers and data.batch_size (a "
+                    "change is fine from a checkpoint at an epoch boundary)")
+        return ""
+
     def _loader_kwargs(self, epoch: int) -> dict:
         # An explicit generator: creating the loader draws nothing from the global RNG, so
         # dropout and drop path do not depend on when (or whether, after a resume) it was made.

@@ -138,16 +138,8 @@ class AlignmentTask:
 
     def world_change_problem(self, skip: int) -> str:
         """Why this run cannot continue mid-epoch with another number of processes, loader
-        workers or batch size ("" if it can): tar shards are dealt to processes and loader
-        workers whole, and workers take turns batch by batch, so the rest of the epoch would
-        differ."""
-        if self.source.iterable and skip > 0:
-            return ("tar shards are dealt to processes and loader workers shard by shard, and "
-                    "the workers take turns batch by batch, so another number of processes, "
-                    "loader workers or batch size would read another rest of this epoch; resume "
-                    "with the checkpoint's processes, data.num_workers and data.batch_size (a "
-                    "change is fine from a checkpoint at an epoch boundary)")
-        return ""
+        workers or batch size ("" if it can): Source.order_change_problem."""
+        return self.source.order_change_problem(skip)
 
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)

@@ -278,6 +278,10 @@ class ClassificationTask:
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
+    def world_change_problem(self, skip: int) -> str:
+        """What a resume with another launch would change mid-epoch (the resume guard)."""
+        return self.source.order_change_problem(skip)
+
     def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         if self.view.name not in batch:  # every image of this batch was unreadable
             if is_sharded(model):  # its forward and backward are collectives: run them

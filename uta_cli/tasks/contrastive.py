@@ -87,6 +87,10 @@ class ContrastiveTask:
     def train_batches(self, epoch: int, skip: int):
         return self.source.batches(epoch, skip)
 
+    def world_change_problem(self, skip: int) -> str:
+        """What a resume with another launch would change mid-epoch (the resume guard)."""
+        return self.source.order_change_problem(skip)
+
     def _pairs(self, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """Images and captions of the usable pairs. Samples without a caption are dropped, and
         with several processes every rank keeps the smallest rank's count, because the features
