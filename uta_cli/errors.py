@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+
+from safetensors import SafetensorError
+
 
 class UtaUsageError(Exception):
     """Bad usage or bad input. The message names the problem and the fix."""
@@ -32,3 +36,19 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and (
         "can't allocate memory" in text or "CUDA out of memory" in text
         or "out of memory" in text.lower() and "allocat" in text.lower())
+
+
+# What open_clip, timm, safetensors and torch raise when the user's files are at fault: a missing
+# or damaged file, a config that does not build, weights of other shapes (exit 2). The model
+# builders catch these by name, never Exception: anything else is a bug and keeps its traceback
+# (exit 1); out of memory, a RuntimeError too, is re-raised for the command line's
+# out-of-memory message (`bad_input`).
+BAD_CONFIG = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
+BAD_FILE = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def bad_input(error: BaseException) -> BaseException:
+    """`error`, caught as one of the types above, unless memory ran out: then raise it."""
+    if is_out_of_memory(error):
+        raise error
+    return error

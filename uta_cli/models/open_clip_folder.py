@@ -31,17 +31,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from uta_cli.errors import UtaUsageError
+from uta_cli.errors import BAD_CONFIG, UtaUsageError, bad_input
 from uta_cli.io import atomic_write_json
 from uta_cli.models import student as student_module
 from uta_cli.models.student import UTAStudent
-from uta_cli.models.teacher import (
-    BAD_CONFIG,
-    CLIPTeacher,
-    TeacherIdentity,
-    bad_input,
-    file_fingerprint,
-)
+from uta_cli.models.teacher import CLIPTeacher, TeacherIdentity, file_fingerprint
 from uta_cli.recipe import StudentConfig
 
 CONFIG = "open_clip_config.json"

@@ -22,10 +22,10 @@ import torch
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from uta_cli.errors import UtaUsageError
+from uta_cli.errors import BAD_FILE, UtaUsageError, bad_input
 from uta_cli.models.eva_clip import EVA_CLIP_MARKS, file_layout
 from uta_cli.models.student import UTAStudent
-from uta_cli.models.teacher import BAD_FILE, TeacherIdentity, bad_input, file_fingerprint
+from uta_cli.models.teacher import TeacherIdentity, file_fingerprint
 from uta_cli.recipe import StudentConfig
 
 FORMATS = ("auto", "uta", "uta-release")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import open_clip
@@ -20,30 +19,15 @@ import torch
 import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer as OpenClipViT
-from safetensors import SafetensorError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from uta_cli.errors import UtaUsageError, is_out_of_memory
+from uta_cli.errors import BAD_CONFIG, BAD_FILE, UtaUsageError, bad_input
 from uta_cli.models.attention import attention_problem, cls_patch_attention
 from uta_cli.models.eva_clip import eva_clip_to_open_clip, file_layout, strict_load
 from uta_cli.models.fingerprint import whole_file_sha256
 
 log = logging.getLogger(__name__)
-
-# What open_clip, timm, safetensors and torch raise when the user's files are at fault: a missing
-# or damaged file, a config that does not build, weights of other shapes (exit 2). Anything else
-# is a bug and keeps its traceback (exit 1); out of memory, a RuntimeError too, is re-raised for
-# the command line's out-of-memory message (`bad_input`).
-BAD_CONFIG = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError)
-BAD_FILE = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
-
-
-def bad_input(error: BaseException) -> BaseException:
-    """`error`, caught as one of the named types above, unless memory ran out: then raise it."""
-    if is_out_of_memory(error):
-        raise error
-    return error
 
 
 @dataclass
