@@ -35,6 +35,7 @@ from torch import nn
 from uta_cli.data.folders import collate_skip_none
 from uta_cli.data.pipeline import Source, TrainTransform, View, normalize
 from uta_cli.errors import UtaUsageError
+from uta_cli.evaluate.lockstep import CountingCall, even_out_forwards, stand_in_forward
 from uta_cli.evaluate.zeroshot import classification_metrics
 from uta_cli.train.sharding import full_state_dict, is_sharded, load_full_state_dict
 
@@ -324,16 +325,20 @@ class ClassificationTask:
         labels, tops, loss_sum = [], [], 0.0
         autocast = self.accelerator.autocast() if self.accelerator else contextlib.nullcontext()
         k = min(5, self.num_classes)
+        forward = CountingCall(model)
         with autocast:
             for batch in self.val_batches():
                 if self.view.name not in batch:
                     continue
                 y = batch["label"].to(self.device)
-                logits = model(normalize(batch[self.view.name].to(self.device), self.view))
+                logits = forward(normalize(batch[self.view.name].to(self.device), self.view))
                 logits = logits.float()
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 tops.append(logits.topk(k, dim=-1).indices.cpu())
                 labels.append(y.cpu())
+            if is_sharded(model):  # every process runs as many (collective) forwards
+                even_out_forwards(forward.calls, stand_in_forward(model, self.view.size,
+                                                                  self.device), self.device)
         model.train(was_training)
         hit1 = hit5 = n = 0.0
         if labels:
