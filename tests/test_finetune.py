@@ -419,8 +419,9 @@ for name, sets in ({sets!r}).items():
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tmp_path):
     """One torchrun launch for three checks: fine-tuning (classification, contrastive) on 2
-    processes ends with the weights of 1 process; classification validation, sharded across
-    the processes, gives the figures of 1; and pre-training's validation on tar shards limited
+    processes ends with the weights of 1 process; their validation (top-1 / top-5 / loss, and
+    contrastive tuning's zero-shot), sharded across the processes, gives the figures of 1; and
+    pre-training's validation on tar shards limited
     to data.val_samples is one set (the first N samples) for 1 or 2 processes (lr 0: the same
     weights either way, so only the validation set can differ)."""
     from test_scale import write_shards
@@ -459,13 +460,12 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(uta_ckpt, tm
         else:
             run_finetune(load_recipe(name, sets(d, 8) + [f"init={uta_ckpt}"]),
                          output_dir=str(tmp_path / "one" / name), resume="never")
-        if name != "contrastive_demo":  # (its validation is the main process's zero-shot)
-            val = {n: [r for r in metrics(tmp_path / n / name) if r.get("event") == "val"][-1]
-                   for n in ("one", "two")}
-            keys = sorted(k for k in val["one"] if k.startswith("val_"))
-            assert keys == sorted(k for k in val["two"] if k.startswith("val_")) and keys
-            for k in keys:
-                assert val["two"][k] == pytest.approx(val["one"][k], rel=1e-4, abs=1e-5), k
+        val = {n: [r for r in metrics(tmp_path / n / name) if r.get("event") == "val"][-1]
+               for n in ("one", "two")}
+        keys = sorted(k for k in val["one"] if k.startswith("val_"))
+        assert keys == sorted(k for k in val["two"] if k.startswith("val_")) and keys
+        for k in keys:
+            assert val["two"][k] == pytest.approx(val["one"][k], rel=1e-4, abs=1e-5), (name, k)
         one = weights(ckpt.latest_checkpoint(str(tmp_path / "one" / name)))
         two = weights(ckpt.latest_checkpoint(str(tmp_path / "two" / name)))
         assert one.keys() == two.keys()

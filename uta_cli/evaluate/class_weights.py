@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from uta_cli.data.pipeline import View, normalize
+from uta_cli.evaluate.lockstep import CountingCall, even_out_forwards, is_sharded, stand_in_forward
 from uta_cli.evaluate.zeroshot import (
     TextEncoder,
     assemble_classifier,
@@ -181,3 +182,33 @@ def zeroshot_accuracy(clip: torch.nn.Module, tokenizer, classnames: Sequence[str
                              for b in batches if view.name in b), classifier)
     finally:
         clip.train(was_training)
+
+
+def zeroshot_accuracy_in_shares(clip: torch.nn.Module, tokenizer, classnames: Sequence[str],
+                                templates: Sequence, batches: Iterable[dict], view: View,
+                                accelerator, text_context: str = "trimmed") -> dict[str, float]:
+    """zeroshot_accuracy over this process's share of the images (`batches`), summed over all
+    processes: every process must call it. {"acc1", "acc5", "num_samples"} of the whole set;
+    top-5 NaN below five classes. A sharded (FSDP) model's image forwards are collectives, so
+    each process evens out its count with stand-in forwards (evaluate/lockstep)."""
+    encode = CountingCall(clip.encode_image)
+    r = zeroshot_accuracy(clip, tokenizer, classnames, templates, batches, view,
+                          accelerator.device, text_context, encode_image=encode,
+                          autocast=accelerator.autocast)
+    if is_sharded(clip):
+        was_training = clip.training
+        clip.eval()
+        with accelerator.autocast():
+            even_out_forwards(encode.calls, stand_in_forward(clip, view.size, accelerator.device,
+                                                             "encode_image"), accelerator.device)
+        clip.train(was_training)
+    n = r["num_samples"]
+    # hit counts (acc x n is a whole number up to rounding) and samples, summed in float64
+    totals = torch.tensor([round(r["acc1"] * n), r["acc5"] * n, n], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+    hit1, hit5, n = totals.tolist()
+    if len(classnames) < 5:  # CLIP_benchmark's rule, whichever process saw no image
+        hit5 = float("nan")
+    return {"acc1": hit1 / n if n else 0.0, "acc5": hit5 / n if n else hit5,
+            "num_samples": int(n)}

@@ -59,8 +59,12 @@ def uta_clip(clip: nn.Module, student: nn.Module, text_locked: bool) -> nn.Modul
 class ContrastiveTask:
     def __init__(self, clip: nn.Module, tokenizer, source: Source, image_view: View,
                  validate_fn: Callable[[nn.Module], dict] | None = None,
-                 meta: dict | None = None, name: str = "clip-contrastive"):
+                 meta: dict | None = None, name: str = "clip-contrastive",
+                 validates_on_every_rank: bool = False):
         self.name = name  # "clip-contrastive" (demo teacher) or "uta-contrastive" (tuning)
+        # True: validate_fn reads this process's share and reduces (the engine calls it on
+        # every process); False: the main process validates alone.
+        self.validates_on_every_rank = validates_on_every_rank
         self.model = clip
         self.tokenizer = tokenizer
         self.source = source

@@ -31,7 +31,12 @@ from uta_cli.data.pipeline import (
     View,
 )
 from uta_cli.errors import UtaUsageError
-from uta_cli.evaluate.class_weights import cached_classifier, default_cache_dir, zeroshot_accuracy
+from uta_cli.evaluate.class_weights import (
+    cached_classifier,
+    default_cache_dir,
+    zeroshot_accuracy,
+    zeroshot_accuracy_in_shares,
+)
 from uta_cli.evaluate.zeroshot import (
     TEXT_CONTEXTS,
     TextEncoder,
@@ -299,13 +304,14 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
     data = open_data(recipe, train_tf, val_tf, acc.process_index, acc.num_processes)
     if data.classnames_note:
         say(f"[yellow]{data.classnames_note}[/yellow]")
-    batches = _eval_batches(recipe, data, val_tf)  # the main process validates: all of it
+    # every process validates its share (the engine calls validate on every process)
+    batches = _eval_batches(recipe, data, val_tf, acc.process_index, acc.num_processes)
     validate = None
     if batches is not None and data.classnames:
         def validate(clip: nn.Module) -> dict:
-            r = zeroshot_accuracy(clip, teacher.tokenizer, data.classnames, data.templates,
-                                  batches(), view, acc.device, f.text_context,
-                                  autocast=acc.autocast)
+            r = zeroshot_accuracy_in_shares(clip, teacher.tokenizer, data.classnames,
+                                            data.templates, batches(), view, acc,
+                                            f.text_context)
             return {"val_zeroshot_acc1": r["acc1"], "val_zeroshot_acc5": r["acc5"]}
     else:
         say("[yellow]No labelled validation data with class names (data.val_source, "
@@ -321,7 +327,7 @@ def build_contrastive(recipe: Recipe, start: Start, acc, say
             "init": start.describe()}
     source = train_source(recipe, data, train_tf, acc.process_index, acc.num_processes)
     task = ContrastiveTask(model, teacher.tokenizer, source, view, validate, meta,
-                           name="uta-contrastive")
+                           name="uta-contrastive", validates_on_every_rank=True)
     reference = None
     # (a released file's text tower has no CLIP image tower to measure)
     if data.kind == "demo" and validate is not None and teacher.kind != "release":
