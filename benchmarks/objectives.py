@@ -406,8 +406,9 @@ def variants_markdown(summary: dict, rows: list[str], labels: dict, seeds: int) 
 
 def main_variants(args, base, steps: int) -> None:
     t_start = time.perf_counter()
-    rows = list(VARIANT_ROWS)
-    labels = {r: VARIANT_ROWS[r][0] for r in rows}
+    rows = [r for r in VARIANT_ROWS if r in args.rows.split(",")] if args.rows else \
+        list(VARIANT_ROWS)
+    labels = {r: VARIANT_ROWS[r][0] for r in VARIANT_ROWS}
     labels["unmasked"] += f" ({args.unmasked_share:.0%} of steps)"
     log(f"variants of uta on recipe {base.name}: {rows}, seeds {args.seeds}, {steps} steps, "
         f"fine-tune {args.finetune_recipe} ({args.finetune_steps or 'recipe'} steps)")
@@ -499,6 +500,9 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true",
                     help="compare uta with its variants (attention masks, target norm, teacher "
                          "layers, unmasked finish, the winners together) instead of objectives")
+    ap.add_argument("--rows", default="",
+                    help="--variants: a comma list of rows to run (uta, attention, target_norm, "
+                         "teacher_layers, unmasked; uta is always run); default all")
     ap.add_argument("--unmasked-share", type=float, default=0.1,
                     help="--variants: the share of steps the unmasked finish takes")
     ap.add_argument("--out", default="runs/objectives")
@@ -514,6 +518,10 @@ def main() -> None:
     steps = args.steps or base.schedule.steps
     if steps < args.evals:
         sys.exit("--steps: give at least --evals steps (or a recipe with schedule.steps)")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if set(rows) - set(VARIANT_ROWS):
+        sys.exit(f"--rows: a comma list of {', '.join(VARIANT_ROWS)}")
+    args.rows = ",".join(["uta", *[r for r in rows if r != "uta"]]) if rows else ""
     os.makedirs(args.out, exist_ok=True)
     if args.variants:
         main_variants(args, base, steps)
