@@ -213,7 +213,10 @@ def summarise(runs: list[dict], objectives: list[str]) -> dict:
     return out
 
 
-def table_markdown(summary: dict, objectives: list[str], seeds: int) -> str:
+def summary_markdown(summary: dict, settings: tuple[tuple[str, str], ...], rows: list[str],
+                     labels: dict[str, str], fields: tuple, seeds: int, first: str) -> str:
+    """One markdown table per setting: a row per objective or variant, a column per field
+    (mean ± sd over seeds; "-" where nothing was measured)."""
     def cell(s: dict, fmt: str) -> str:
         if s["mean"] is None:
             return "-"
@@ -223,17 +226,22 @@ def table_markdown(summary: dict, objectives: list[str], seeds: int) -> str:
         return text
 
     lines = []
-    for setting, title in (("equal_steps", "Equal optimizer steps"),
-                           ("equal_wallclock", "Equal wall-clock (UTA's)")):
+    for setting, title in settings:
         lines += [f"**{title}** (mean ± sd over {seeds} seed{'s' if seeds > 1 else ''})", "",
-                  "| objective | " + " | ".join(label for _, label, _ in FIELDS) + " |",
-                  "|---|" + "---:|" * len(FIELDS)]
-        for objective in objectives:
-            s = summary[setting][objective]
-            lines.append(f"| {objective} | " + " | ".join(cell(s[key], fmt)
-                                                          for key, _, fmt in FIELDS) + " |")
+                  f"| {first} | " + " | ".join(label for _, label, _ in fields) + " |",
+                  "|---|" + "---:|" * len(fields)]
+        for row in rows:
+            s = summary[setting][row]
+            lines.append(f"| {labels[row]} | " + " | ".join(cell(s[key], fmt)
+                                                           for key, _, fmt in fields) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def table_markdown(summary: dict, objectives: list[str], seeds: int) -> str:
+    return summary_markdown(summary, (("equal_steps", "Equal optimizer steps"),
+                                      ("equal_wallclock", "Equal wall-clock (UTA's)")),
+                            objectives, {o: o for o in objectives}, FIELDS, seeds, "objective")
 
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
@@ -384,24 +392,9 @@ def summarise_variants(runs: list[dict], rows: list[str]) -> dict:
 
 
 def variants_markdown(summary: dict, rows: list[str], labels: dict, seeds: int) -> str:
-    def cell(s: dict, fmt: str) -> str:
-        if s["mean"] is None:
-            return "-"
-        return fmt.format(s["mean"]) + (f" ± {fmt.format(s['sd'])}" if s["sd"] is not None
-                                        else "")
-
-    lines = []
-    for setting, title in (("equal_steps", "Equal optimizer steps"),
-                           ("equal_flops", "Equal training FLOPs (the paper's row's)")):
-        lines += [f"**{title}** (mean ± sd over {seeds} seed{'s' if seeds > 1 else ''})", "",
-                  "| row | " + " | ".join(label for _, label, _ in VARIANT_FIELDS) + " |",
-                  "|---|" + "---:|" * len(VARIANT_FIELDS)]
-        for row in rows:
-            s = summary[setting][row]
-            lines.append(f"| {labels[row]} | " + " | ".join(cell(s[k], fmt)
-                                                           for k, _, fmt in VARIANT_FIELDS) + " |")
-        lines.append("")
-    return "\n".join(lines)
+    return summary_markdown(summary, (("equal_steps", "Equal optimizer steps"),
+                                      ("equal_flops", "Equal training FLOPs (the paper's row's)")),
+                            rows, labels, VARIANT_FIELDS, seeds, "row")
 
 
 def main_variants(args, base, steps: int) -> None:
