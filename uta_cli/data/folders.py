@@ -1,5 +1,5 @@
 """Image folders over fsspec (class or flat layout), and what they share with the tar-shard
-reader (tar_shards.py): image decoding, skipping corrupt images, collation.
+reader (shards.py): image decoding, skipping corrupt images, collation.
 
 Both readers are used by pre-training (labels ignored) and by zero-shot evaluation (labels used).
 Paths may be local or any fsspec URL (file://, memory://, s3://, gs://, ...). Bad input raises
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # Matched case-insensitively (ImageNet ships `.JPEG`).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# Tar shards (read by tar_shards.py; named here too, so a folder of them gets a hint).
+# Tar shards (read by shards.py; named here too, so a folder of them gets a hint).
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 Transform = Callable[[Image.Image, int], dict[str, Any]]

@@ -1,6 +1,6 @@
 """Data pipeline: sources (a dataset bound to its transform, mask collator and rank), per-rank
 sampling, masks. Views and transforms live in transforms.py, resuming tar shards mid-epoch in
-tar_resume.py; the names of transforms.py are importable from here too.
+shard_resume.py; the names of transforms.py are importable from here too.
 
 Every random choice is a pure function of (seed, epoch, sample id): the crop and flip of an image,
 its mask, and the order of an epoch. So a run resumed at step s sees exactly the batches an

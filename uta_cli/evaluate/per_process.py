@@ -3,8 +3,8 @@
 Each process reads a disjoint shard of the images (indices rank::world, or whole tar shards)
 and keeps its results per sample with the sample's id: top-k predictions (classification),
 embeddings (retrieval, linear probe). Merged by id, the parts give exactly what one process
-would have computed. `uta zeroshot` (evaluation.py) and zero-shot while pre-training
-(eval_training.py) run these loops.
+would have computed. `uta zeroshot` (workflows/zeroshot.py) and zero-shot while pre-training
+(during_training.py) run these loops.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ an image counts when ANY of its texts is among the top-k texts.
 
 Everything here works on tensors. Results are kept per sample (top-k predictions, embeddings) with
 the sample's id, so the parts that several processes computed merge into exactly the result one
-process would have computed. The class weights' disk cache is in eval_classifier.py; datasets,
-models and the command are in eval_datasets.py, encoders.py and evaluation.py.
+process would have computed. The class weights' disk cache is in class_weights.py; datasets,
+models and the command are in datasets.py, encoders.py and workflows/zeroshot.py.
 """
 
 from __future__ import annotations

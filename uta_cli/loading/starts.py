@@ -3,7 +3,7 @@ workflows only consume them: uta finetune's `init` (a UTA checkpoint of any kind
 file, timm:NAME, open_clip:MODEL, or nothing) and uta pretrain's `student.init` (a UTA
 checkpoint or a released file, which must fit the recipe's student).
 
-Beside loading.py (the same checkpoints as models for evaluation and export), below the
+Beside model.py (the same checkpoints as models for evaluation and export), below the
 workflows.
 """
 

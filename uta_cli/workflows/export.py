@@ -3,7 +3,7 @@ Hugging Face repository, loaded back and checked against PyTorch before it is pu
 
 This module is the workflow: the options, the model and its metadata, then the format's writer,
 the reload and its checks, and the move into place. What each format is (its writer, its loader,
-where its metadata goes) lives in export_formats.py; how an export is checked, in export_verify.py.
+where its metadata goes) lives in export/formats.py; how an export is checked, in export/verify.py.
 """
 
 from __future__ import annotations

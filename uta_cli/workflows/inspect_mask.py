@@ -1,4 +1,4 @@
-"""Mask coverage statistics (the paper's Figure 3, and more); mask_report.py shows and writes
+"""Mask coverage statistics (the paper's Figure 3, and more); masks/report.py shows and writes
 them (terminal tables and heat maps, JSON, CSV, PNG).
 
 The core of `uta inspect-mask`, usable from a notebook:

@@ -10,9 +10,9 @@ and image-caption sets for retrieval (a folder of images + a JSON or CSV of capt
 
 Each process evaluates a disjoint shard (indices rank::world, or whole tar shards) and the
 per-sample results are gathered and merged by sample id, so a distributed evaluation reports
-exactly what one process would (eval_shards.py). Precision: see `resolve_precision` and
-`StudentEncoder` (encoders.py). The class weights: eval_classifier.py; the tables and files the
-command writes: eval_report.py.
+exactly what one process would (evaluate/per_process.py). Precision: see `resolve_precision` and
+`StudentEncoder` (evaluate/encoders.py). The class weights: evaluate/class_weights.py; the tables
+and files the command writes: evaluate/report.py.
 """
 
 from __future__ import annotations
