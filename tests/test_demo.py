@@ -26,7 +26,7 @@ def test_demo_meets_its_targets_and_caches_the_teacher(tmp_path):
     assert {"dataset", "student_acc1", "teacher_acc1", "chance"} <= set(zs)
     assert zs["dataset"] == "demo" and zs["chance"] == round(1 / 16, 4)
     assert zs["num_samples"] == 2000
-    # the demo's stated targets (README): teacher >= 0.90, student >= 0.8 x teacher
+    # the demo's stated targets (docs/pretraining.md): teacher >= 0.90, student >= 0.8 x teacher
     assert zs["teacher_acc1"] >= 0.90, zs
     assert zs["student_acc1"] >= 0.8 * zs["teacher_acc1"], zs
     assert "Zero-shot top-1" in out.stdout and "UTA student" in out.stdout

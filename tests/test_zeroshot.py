@@ -178,7 +178,7 @@ def test_pretrained_checkpoint_end_to_end_json_has_every_field(setup, tmp_path):
     assert {"dataset", "model", "pretrained", "task", "metrics"} <= set(out)
     assert out["dataset"] == "demo" and out["task"] == "zeroshot_classification"
     assert set(out["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
-    # ... plus what the report promises (README, zero-shot section)
+    # ... plus what the report promises (docs/zeroshot.md, Output)
     assert out["num_samples"] == 16  # demo.val_images of the checkpoint's recipe
     assert out["num_classes"] == 16 and out["skipped_images"] == 0
     assert out["checkpoint"]["step"] == 3 and out["checkpoint"]["path"].endswith("step_00000003")

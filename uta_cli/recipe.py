@@ -155,7 +155,7 @@ class TrainConfig:
     # torch.compile the student's kept-token forward, the alignment loss and the frozen
     # teacher's forward (static shapes: every sample keeps the same number of tokens).
     # "auto": on for CUDA devices only; on CPU the measured gain does not pay for the compile
-    # time (README, Performance). true / false force it. `uta pretrain` only.
+    # time (docs/performance.md). true / false force it. `uta pretrain` only.
     compile: Literal["auto", True, False] = "auto"
     # ddp: every process holds the whole student, its gradients and AdamW state. fsdp: they are
     # sharded over the processes with PyTorch FSDP2 (per block, then the root); checkpoints add
