@@ -397,6 +397,20 @@ def variants_markdown(summary: dict, rows: list[str], labels: dict, seeds: int) 
                             rows, labels, VARIANT_FIELDS, seeds, "row")
 
 
+def write_outputs(out: str, result: dict, table: str, groups: dict[str, list[dict]],
+                  figure_name: str, title: str, total_s: float) -> None:
+    """results.json, table.md and the figure in `out`; the table printed, the files logged."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    drawn = plot(groups, os.path.join(out, figure_name), title)
+    print()
+    print(table)
+    log(f"done in {total_s / 60:.1f} min; {out}/results.json, table.md"
+        + (f", {figure_name}" if drawn else ""))
+
+
 def main_variants(args, base, steps: int) -> None:
     t_start = time.perf_counter()
     rows = [r for r in VARIANT_ROWS if r in args.rows.split(",")] if args.rows else \
@@ -451,19 +465,11 @@ def main_variants(args, base, steps: int) -> None:
               "finetune_steps": args.finetune_steps, "evals": args.evals,
               "threads": torch.get_num_threads(), "benchmark_wall_s": round(total_s, 1),
               "command": " ".join(sys.argv), "summary": summary, "runs": runs}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    figure = os.path.join(args.out, "variants.png")
     groups = {labels[row]: [r for r in runs if r["row"] == row and "equal_steps" in r["settings"]]
               for row in rows}
-    drawn = plot(groups, figure, f"{base.name}: uta and its variants, {steps} steps, "
-                 f"{args.seeds} seed(s), equal-step runs")
-    print()
-    print(table)
-    log(f"done in {total_s / 60:.1f} min; {args.out}/results.json, table.md"
-        + (", variants.png" if drawn else ""))
+    write_outputs(args.out, result, table, groups, "variants.png",
+                  f"{base.name}: uta and its variants, {steps} steps, {args.seeds} seed(s), "
+                  f"equal-step runs", total_s)
 
 
 def main() -> None:
@@ -560,20 +566,11 @@ def main() -> None:
               "finetune_steps": args.finetune_steps, "evals": args.evals,
               "threads": torch.get_num_threads(), "benchmark_wall_s": round(total_s, 1),
               "command": " ".join(sys.argv), "summary": summary, "runs": runs}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    table = table_markdown(summary, objectives, args.seeds)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
-    figure = os.path.join(args.out, "objectives.png")
     groups = {o.upper(): [r for r in runs if r["objective"] == o and "equal_steps" in r["settings"]]
               for o in objectives}
-    drawn = plot(groups, figure, f"{base.name}: {steps} steps, {args.seeds} seed(s), equal-step "
-                 f"runs (band: min-max over seeds)")
-    print()
-    print(table)
-    log(f"done in {total_s / 60:.1f} min; {args.out}/results.json, table.md"
-        + (", objectives.png" if drawn else ""))
+    write_outputs(args.out, result, table_markdown(summary, objectives, args.seeds), groups,
+                  "objectives.png", f"{base.name}: {steps} steps, {args.seeds} seed(s), "
+                  f"equal-step runs (band: min-max over seeds)", total_s)
 
 
 if __name__ == "__main__":
